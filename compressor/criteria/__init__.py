@@ -1,0 +1,62 @@
+"""Criteria decide which channels go; each returns a :class:`~compressor.plan.PruningPlan`.
+
+A criterion is a plain function ``fn(request) -> PruningPlan`` registered by name. It
+may train the model on the way (later criteria do), but it never removes channels:
+``surgery.apply`` does that, for every criterion alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..budget import Budget
+from ..data import ImageData
+from ..errors import CompressorError
+from ..plan import PruningPlan
+from ..surgery import Graph, trace
+
+_CRITERIA: dict[str, Callable[["PlanRequest"], PruningPlan]] = {}
+
+
+@dataclass
+class PlanRequest:
+    """Everything a criterion may use. Data and device are optional for data-free criteria."""
+
+    model: nn.Module
+    example_inputs: torch.Tensor
+    budget: Budget
+    round_to: int = 8
+    max_ratio: float = 0.95
+    seed: int = 0
+    data: ImageData | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    graph: Graph | None = None
+
+    def traced(self) -> Graph:
+        if self.graph is None:
+            self.graph = trace(self.model, self.example_inputs)
+        return self.graph
+
+
+def register(name: str):
+    def wrap(fn):
+        _CRITERIA[name] = fn
+        return fn
+
+    return wrap
+
+
+def available() -> list[str]:
+    return sorted(_CRITERIA)
+
+
+def make_plan(method: str, request: PlanRequest) -> PruningPlan:
+    if method not in _CRITERIA:
+        raise CompressorError(f"unknown method {method!r}; available: {', '.join(available())}")
+    return _CRITERIA[method](request)
+
+
+from . import baselines  # noqa: E402,F401  (fills the registry)

@@ -1,0 +1,41 @@
+"""Baselines for honest comparison: filter L1 norm (Li et al., 2017) and random.
+
+Both prune every group by the same ratio (the scale is searched to meet the budget);
+they differ only in which channels stay.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..budget import solve_widths
+from ..plan import PruningPlan
+from ..surgery import PRUNABLE_TYPES, Graph
+from . import PlanRequest, register
+
+
+def filter_l1(graph: Graph) -> dict[str, torch.Tensor]:
+    """Per group, the L1 norm of each output filter, summed over the group's coupled conv/linear layers."""
+    scores = {}
+    for group in graph.groups:
+        total = torch.zeros(group.width)
+        for name in group.out_layers:
+            module = graph.module(name)
+            if isinstance(module, PRUNABLE_TYPES):
+                total += module.weight.detach().abs().flatten(1).sum(1).float().cpu()
+        scores[group.name] = total
+    return scores
+
+
+@register("l1")
+def l1(request: PlanRequest) -> PruningPlan:
+    graph = request.traced()
+    widths = solve_widths(graph, request.budget, None, request.round_to, request.max_ratio).widths
+    return PruningPlan.from_scores(filter_l1(graph), widths)
+
+
+@register("random")
+def random(request: PlanRequest) -> PruningPlan:
+    graph = request.traced()
+    widths = solve_widths(graph, request.budget, None, request.round_to, request.max_ratio).widths
+    g = torch.Generator().manual_seed(request.seed)
+    return PruningPlan.from_scores({n: torch.rand(w, generator=g) for n, w in graph.widths().items()}, widths)

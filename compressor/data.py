@@ -1,0 +1,288 @@
+"""Image data sets as uint8 tensors, decoded once, cached, and augmented on the device.
+
+Small image sets fit in memory. A DataLoader that decodes PIL images per step cannot
+keep a GPU busy at CIFAR size, so every source becomes four tensors (train/test images
+as uint8 NCHW, labels as int64), cached on disk after the first decode, moved to the
+device once, and augmented there with tensor ops (random crop with padding, flip).
+
+Sources, tried in this order for ``--dataset NAME``:
+  ``digits``     scikit-learn's bundled 8x8 digits, resized to 28x28 (works offline)
+  ``synthetic``  class-dependent random patterns, for tests and smoke runs
+  a folder, or DATA_DIR/NAME, holding ``train/`` and ``test/`` ImageFolder trees
+  ``mnist``, ``cifar10``, ``cifar100`` through torchvision's downloaders into DATA_DIR
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DataError
+from .files import atomic_path
+
+TORCHVISION_SETS = ("mnist", "cifar10", "cifar100")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageData:
+    name: str
+    train_x: torch.Tensor  # uint8 [N, C, H, W]
+    train_y: torch.Tensor  # int64 [N]
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    flip: bool  # horizontal flips make sense for natural images, not for digits
+
+    @property
+    def input_shape(self) -> list[int]:
+        return list(self.train_x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def normalization(self) -> dict:
+        return {"mean": self.mean, "std": self.std}
+
+    def example_inputs(self, batch: int = 1, device="cpu") -> torch.Tensor:
+        return torch.zeros(batch, *self.input_shape, device=device)
+
+
+def load(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+) -> ImageData:
+    """Load data set ``name`` with a validation split carved from its training set.
+
+    The split is fixed by ``seed``; criteria that score candidates use it, never the test set.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    data_dir = Path(data_dir) if data_dir else Path("data")
+    (train_x, train_y, test_x, test_y, classes), flip = _decoded(name, data_dir, cache_dir)
+    n_val = int(round(len(train_y) * val_fraction))
+    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
+    tx = train_x[train_idx]
+    mean, std = channel_stats(tx)
+    return ImageData(
+        name, tx, train_y[train_idx], train_x[val_idx], train_y[val_idx], test_x, test_y, list(classes), mean, std, flip
+    )
+
+
+def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images on the [0, 1] scale, in chunks to bound memory."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for chunk in x.split(4096):
+        c = chunk.double() / 255.0
+        total += c.sum(dim=(0, 2, 3))
+        total_sq += (c * c).sum(dim=(0, 2, 3))
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / n
+    std = (total_sq / n - mean * mean).clamp_min(1e-12).sqrt()
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+def _decoded(name: str, data_dir: Path, cache_dir):
+    if name == "digits":
+        return _digits(), False
+    if name == "synthetic":
+        return synthetic(), False
+    folder = _image_folder_root(name, data_dir)
+    if folder is not None:
+        tensors = _cached(folder, cache_dir or data_dir / ".cache", _read_image_folder)
+        return tensors, tensors[0].shape[1] == 3
+    if name in TORCHVISION_SETS:
+        return _torchvision(name, data_dir), name != "mnist"
+    raise DataError(
+        f"unknown data set {name!r}: use digits, synthetic, {', '.join(TORCHVISION_SETS)}, a folder with "
+        f"train/ and test/ ImageFolder trees, or a name that exists under --data-dir (now {data_dir})"
+    )
+
+
+def _image_folder_root(name: str, data_dir: Path) -> Path | None:
+    for candidate in (Path(name), data_dir / name):
+        if (candidate / "train").is_dir() and (candidate / "test").is_dir():
+            return candidate
+    if Path(name).is_dir():
+        raise DataError(f"{name} has no train/ and test/ folders of class subfolders")
+    return None
+
+
+def _cached(folder: Path, cache_dir: Path, reader):
+    """Decode ``folder`` once; later runs read the tensors from ``cache_dir``."""
+    files = sorted(str(p.relative_to(folder)) + f":{p.stat().st_size}" for p in folder.rglob("*") if p.is_file())
+    key = hashlib.sha256((str(folder.resolve()) + "\n" + "\n".join(files)).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"{folder.name}-{key}.pt"
+    if cache.is_file():
+        try:
+            d = torch.load(cache, weights_only=True)
+            return d["train_x"], d["train_y"], d["test_x"], d["test_y"], d["classes"]
+        except Exception:  # noqa: BLE001 - a broken cache is rebuilt, not trusted
+            pass
+    train_x, train_y, test_x, test_y, classes = reader(folder)
+    try:
+        with atomic_path(cache) as tmp:
+            torch.save(
+                {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y, "classes": classes}, tmp
+            )
+    except OSError:
+        pass  # a read-only data directory just means no cache
+    return train_x, train_y, test_x, test_y, classes
+
+
+def _read_image_folder(folder: Path):
+    from PIL import Image
+
+    classes = sorted(d.name for d in (folder / "train").iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{folder / 'train'} has no class subfolders")
+    index = {c: i for i, c in enumerate(classes)}
+
+    def listing(split):
+        items = []
+        for c in classes:
+            d = folder / split / c
+            if d.is_dir():
+                items += [(p, index[c]) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not items:
+            raise DataError(f"{folder / split} holds no images in class subfolders")
+        return items
+
+    train, test = listing("train"), listing("test")
+    with Image.open(train[0][0]) as first:
+        mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
+        size = first.size
+
+    def decode(item):
+        with Image.open(item[0]) as im:
+            im = im.convert(mode)
+            if im.size != size:
+                im = im.resize(size)
+            a = np.asarray(im, dtype=np.uint8)
+        return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+    def stack(items):
+        with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:
+            arrays = list(pool.map(decode, items, chunksize=256))
+        return torch.from_numpy(np.stack(arrays)), torch.tensor([y for _, y in items], dtype=torch.int64)
+
+    return (*stack(train), *stack(test), classes)
+
+
+def _torchvision(name: str, data_dir: Path):
+    import torchvision.datasets as tvd
+
+    cls = {"mnist": tvd.MNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+    try:
+        train, test = cls(str(data_dir), train=True, download=True), cls(str(data_dir), train=False, download=True)
+    except Exception as exc:  # noqa: BLE001 - offline, partial download, ...
+        raise DataError(
+            f"could not get {name} through torchvision into {data_dir} ({type(exc).__name__}: {exc}). "
+            f"Offline, pass --data-dir DIR where DIR/{name}/train and DIR/{name}/test are ImageFolder trees "
+            "(or DIR holds torchvision's files)"
+        ) from None
+
+    def tensors(ds):
+        x = torch.as_tensor(np.asarray(ds.data))
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        return x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+
+    return (*tensors(train), *tensors(test), list(train.classes))
+
+
+def _digits():
+    """scikit-learn's 1,797 bundled 8x8 digits, bilinearly resized to 28x28; the last 20% are the test set."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    y = torch.tensor(d.target, dtype=torch.int64)
+    n_test = len(y) // 5
+    return x[:-n_test], y[:-n_test], x[-n_test:], y[-n_test:], [str(i) for i in range(10)]
+
+
+def synthetic(num_classes: int = 10, shape=(3, 32, 32), n_train: int = 1024, n_test: int = 256, seed: int = 0):
+    """Each class is a fixed smooth random pattern plus noise: learnable, so accuracy means something."""
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = shape
+    templates = F.interpolate(torch.rand(num_classes, c, 4, 4, generator=g), size=(h, w), mode="bilinear")
+
+    def draw(n):
+        y = torch.arange(n) % num_classes
+        x = templates[y] + 0.25 * torch.randn(n, c, h, w, generator=g)
+        return (x.clamp(0, 1) * 255).to(torch.uint8), y
+
+    return (*draw(n_train), *draw(n_test), [f"class{i}" for i in range(num_classes)])
+
+
+class DeviceBatches:
+    """Batches of normalised float images from uint8 tensors kept on ``device``.
+
+    Augmentation (random crop with zero padding of 1/8 of the side, horizontal flip for
+    natural images) runs as tensor ops on the device, seeded by ``seed``.
+    """
+
+    def __init__(self, data: ImageData, split: str, batch_size: int, device, train: bool = False, seed: int = 0,
+                 channels_last: bool = False):
+        self.x = getattr(data, f"{split}_x").to(device, non_blocking=True)
+        self.y = getattr(data, f"{split}_y").to(device, non_blocking=True)
+        self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+        self.batch_size, self.train, self.flip = batch_size, train, data.flip and train
+        self.padding = max(1, self.x.shape[-1] // 8) if train else 0
+        self.channels_last = channels_last
+        self.generator = torch.Generator(device=self.x.device).manual_seed(seed)
+
+    def __len__(self):
+        return (len(self.y) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        n = len(self.y)
+        order = torch.randperm(n, device=self.x.device, generator=self.generator) if self.train else None
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
+            x, y = self.x[idx], self.y[idx]
+            if self.padding:
+                x = random_crop(x, self.padding, self.generator)
+            if self.flip:
+                x = random_flip(x, self.generator)
+            x = (x.float() / 255.0 - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random crop of an (N, C, H, W) batch after zero padding, by one gather."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=x.device, generator=generator)
+    rows = (dy + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * padding)
+    cropped = padded.gather(2, rows)
+    cols = (dx + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
+    return cropped.gather(3, cols)
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)

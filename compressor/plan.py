@@ -1,0 +1,49 @@
+"""PruningPlan: the only thing a criterion hands to surgery.
+
+For each prunable group (named by its first conv/linear layer), the indices of the
+output channels that stay. A plan is plain data: it can be written to JSON, read back,
+compared, and applied to a fresh copy of the same architecture.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import CompressorError
+
+
+@dataclass
+class PruningPlan:
+    keep: dict[str, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_scores(cls, scores: dict[str, torch.Tensor], widths: dict[str, int]) -> "PruningPlan":
+        """Keep the ``widths[g]`` highest-scoring channels of each group ``g``."""
+        keep = {}
+        for name, width in widths.items():
+            score = scores[name].detach().float().cpu()
+            top = torch.topk(score, k=width, sorted=False).indices
+            keep[name] = sorted(top.tolist())
+        return cls(keep)
+
+    @classmethod
+    def first_channels(cls, widths: dict[str, int]) -> "PruningPlan":
+        """Keep the first ``widths[g]`` channels: the shape of a pruned model, with no choice of which."""
+        return cls({name: list(range(width)) for name, width in widths.items()})
+
+    def widths(self) -> dict[str, int]:
+        return {name: len(idx) for name, idx in self.keep.items()}
+
+    def to_json(self) -> str:
+        return json.dumps({"format": "compressor.plan/1", "keep": self.keep})
+
+    @classmethod
+    def from_json(cls, text: str) -> "PruningPlan":
+        try:
+            data = json.loads(text)
+            keep = {str(k): [int(i) for i in v] for k, v in data["keep"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CompressorError(f"not a pruning plan: {exc}") from None
+        return cls(keep)

@@ -1,0 +1,77 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from compressor.cli import main
+
+FAST = ["--dataset", "synthetic", "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "64"]
+
+
+def test_run_end_to_end_on_synthetic(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--model", "resnet20", "--method", "l1", "--budget-macs", "0.5", "--out", str(out), *FAST]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["dense.pt", "metrics.json", "plan.json", "pruned.pt"]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "complete" and m["model"] == "resnet20" and m["dataset"] == "synthetic"
+    assert abs(m["macs"]["fraction"] - 0.5) <= 0.01
+    assert m["params"]["pruned"] < m["params"]["dense"]
+    for stage in ("dense", "pruned", "finetuned"):
+        assert 0.0 <= m["accuracy"][stage]["test"] <= 1.0
+    assert set(m["seconds"]) >= {"data", "train", "plan", "surgery", "finetune", "total"}
+    assert m["widths"]["pruned"] != m["widths"]["dense"] and m["versions"]["torch_pruning"]
+    assert m["command"][:2] == ["compress", "run"]
+    assert "fine-tuned" in capsys.readouterr().out
+
+    # the pruned checkpoint is what inspect reads back, at the same size
+    assert main(["inspect", str(out / "pruned.pt")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["params"] == m["params"]["pruned"]
+
+    # an existing run is never overwritten by accident, and is with --overwrite
+    assert main(["run", "--model", "resnet20", "--out", str(out), *FAST]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["run", "--checkpoint", str(out / "dense.pt"), "--budget-params", "0.5", "--out", str(out),
+                 "--overwrite", *FAST[:2], "--finetune-epochs", "0"]) == 0
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert m2["config"]["epochs"] == 0 and m2["budget"]["metric"] == "params"
+
+
+def test_run_with_a_factory_model(tmp_path):
+    out = tmp_path / "tv"
+    args = ["run", "--model", "torchvision.models:resnet18", "--budget-params", "0.5", "--out", str(out), *FAST]
+    args[args.index("--epochs") + 1] = "0"
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["model"] == "torchvision.models:resnet18" and abs(m["params"]["fraction"] - 0.5) <= 0.01
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "vgg17"], "unknown model 'vgg17'"),
+    (["--method", "magic"], "unknown method 'magic'"),
+    (["--budget-macs", "1.5"], "in (0, 1]"),
+    (["--budget-macs", "0.0005", "--epochs", "0"], "reaches ["),
+    (["--checkpoint", "missing.pt"], "no checkpoint at missing.pt"),
+    (["--dataset", "nope"], "unknown data set 'nope'"),
+    (["--device", "cuda:0"], None),
+])
+def test_bad_inputs_give_one_line(tmp_path, capsys, args, words):
+    import torch
+
+    if args[0] == "--device":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU, so --device cuda:0 is not an error here")
+        words = "no CUDA GPU"
+    argv = ["run", "--out", str(tmp_path / "r"), *FAST]
+    for flag, value in zip(args[::2], args[1::2]):  # later flags win in argparse
+        argv += [flag, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "compressor.cli", "run", "--model", "nope"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown model 'nope'" in result.stderr
