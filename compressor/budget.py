@@ -17,7 +17,7 @@ import torch_pruning as tp
 
 from .errors import BudgetError
 from .plan import PruningPlan
-from .surgery import PRUNABLE_TYPES, Graph, count, pruned_copy
+from .surgery import PRUNABLE_TYPES, Cost, Graph, count, pruned_copy
 
 METRICS = ("macs", "params")
 
@@ -145,10 +145,11 @@ def solve_widths(
         widths = min((at_scale(lo), at_scale(hi)), key=lambda w: abs(frac(w) - target))
         return _nudge(widths, choices, frac, target, budget.tolerance / 4)
 
+    dense = count(graph.model, graph.example_inputs)
     target, best = budget.fraction, None
     for _ in range(4):  # the analytic model can be off by a little; correct with the real counter
         widths = search(target)
-        real = _measure(graph, widths)
+        real = _measure(graph, widths, dense)
         error = real[budget.metric] - budget.fraction
         if best is None or abs(error) < abs(best.fraction - budget.fraction):
             best = Solution(widths, real[budget.metric], real)
@@ -184,15 +185,9 @@ def _nudge(widths, choices, frac, target, tolerance):
     return widths
 
 
-def _measure(graph: Graph, widths: dict[str, int]) -> dict[str, float]:
+def _measure(graph: Graph, widths: dict[str, int], dense: Cost) -> dict[str, float]:
     """Fractions by Torch-Pruning's counter on a pruned copy (which channels go does not matter)."""
-    dense = count(graph.model, graph.example_inputs)
     pruned = count(pruned_copy(graph.model, PruningPlan.first_channels(widths), graph.example_inputs), graph.example_inputs)
     return pruned.fraction_of(dense)
 
 
-def uniform_ratios(graph: Graph) -> dict[str, float]:
-    return {g: 1.0 for g in graph.names()}
-
-
-__all__ = ["Budget", "CostModel", "Solution", "solve_widths", "allowed_widths", "uniform_ratios"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 
 from . import criteria, models
 from .errors import CompressorError
@@ -56,7 +57,7 @@ def cmd_inspect(args, _argv) -> None:
 
     model, spec = checkpoint.load(args.checkpoint, with_spec=True)
     cost = surgery.count(model, spec.example_inputs())
-    print(json.dumps({"spec": spec.__dict__, "macs": cost.macs, "params": cost.params}, indent=2))
+    print(json.dumps({"spec": asdict(spec), "macs": cost.macs, "params": cost.params}, indent=2))
 
 
 COMMANDS = {"run": cmd_run, "inspect": cmd_inspect}

@@ -67,18 +67,29 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def versions() -> dict:
-    import torch_pruning
-    import torchvision
+    from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    found = {"python": platform.python_version(), "commit": _git_commit()}
+    for dist in ("compressor", "torch", "torchvision", "torch-pruning", "onnx", "onnxruntime"):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            found[dist] = None
+    return found
 
-    try:  # the commit that produced a result, when run from a checkout
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+
+def _git_commit() -> str | None:
+    """The commit that produced a result, marked -dirty when the tree had uncommitted changes."""
+    here = Path(__file__).parent
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return (commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or None
     except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"compressor": __version__, "commit": commit, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "torch_pruning": torch_pruning.__version__}
+        return None
 
 
 def device_name(device: torch.device) -> str:

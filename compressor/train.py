@@ -103,7 +103,7 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            if step % 20 == 0:  # reading values back syncs the GPU; do it rarely
+            if not bar.disable and step % 20 == 0:  # reading values back syncs the GPU; do it rarely
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.1%}")
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -20,7 +20,7 @@ def test_run_end_to_end_on_synthetic(tmp_path, capsys):
     for stage in ("dense", "pruned", "finetuned"):
         assert 0.0 <= m["accuracy"][stage]["test"] <= 1.0
     assert set(m["seconds"]) >= {"data", "train", "plan", "surgery", "finetune", "total"}
-    assert m["widths"]["pruned"] != m["widths"]["dense"] and m["versions"]["torch_pruning"]
+    assert m["widths"]["pruned"] != m["widths"]["dense"] and m["versions"]["torch-pruning"]
     assert m["command"][:2] == ["compress", "run"]
     assert "fine-tuned" in capsys.readouterr().out
 
