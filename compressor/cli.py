@@ -38,6 +38,50 @@ def _run_parser(sub) -> None:
     p.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine"])
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for scoring")
+    p.add_argument("--export", metavar="FORMATS", help="after the run, export the pruned model: onnx,trt,aoti")
+    p.add_argument("--bench", action="store_true", help="after the run, benchmark dense vs pruned (see compress bench)")
+    _export_options(p)
+    _bench_options(p)
+
+
+def _export_options(p) -> None:
+    g = p.add_argument_group("export")
+    g.add_argument("--trt-precision", default="fp16", choices=["fp32", "fp16", "int8"],
+                   help="TensorRT engine precision (int8 calibrates on training images)")
+    g.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    g.add_argument("--onnx-fp16", action="store_true", help="convert the ONNX file to fp16 (needs onnxconverter-common)")
+    g.add_argument("--onnx-simplify", action="store_true", help="simplify the ONNX graph with onnxslim")
+    g.add_argument("--min-batch", type=int, default=1, help="TensorRT profile: smallest batch")
+    g.add_argument("--opt-batch", type=int, default=32, help="TensorRT profile: batch to tune for")
+    g.add_argument("--max-batch", type=int, default=256, help="TensorRT profile / Triton: largest batch")
+    g.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT builder workspace limit")
+    g.add_argument("--triton-repo", help="also write a Triton model repository here (onnx and trt artifacts)")
+
+
+def _bench_options(p) -> None:
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--backends", help="eager,compile,aoti,ort,trt (default eager,ort)")
+    g.add_argument("--batch-sizes", help="comma-separated batch sizes (default 1,32)")
+    g.add_argument("--precision", default="fp32", help="benchmark precision: fp32, or fp16 on a GPU")
+    g.add_argument("--warmup", type=int, default=10)
+    g.add_argument("--min-iters", type=int, default=30)
+    g.add_argument("--min-seconds", type=float, default=1.0, help="time each point for at least this long")
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a run's pruned model (ONNX, TensorRT, AOTInductor), verified")
+    p.add_argument("source", help="a run directory (its pruned.pt) or a checkpoint file")
+    p.add_argument("--formats", default="onnx", help="onnx,trt,aoti (default onnx)")
+    p.add_argument("--out", help="output folder (default RUN_DIR/export)")
+    p.add_argument("--data-dir", help="where the checkpoint's data set lives (for the verification batch)")
+    _export_options(p)
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time a run's dense and pruned models on each backend")
+    p.add_argument("run_dir")
+    p.add_argument("--device", default="auto")
+    _bench_options(p)
 
 
 def _inspect_parser(sub) -> None:
@@ -45,11 +89,50 @@ def _inspect_parser(sub) -> None:
     p.add_argument("checkpoint")
 
 
+def _export_kwargs(args) -> dict:
+    return dict(precision=args.trt_precision, opset=args.opset, onnx_fp16=args.onnx_fp16,
+                simplify=args.onnx_simplify, min_batch=args.min_batch, opt_batch=args.opt_batch,
+                max_batch=args.max_batch, workspace_gib=args.workspace_gib, triton_repo=args.triton_repo)
+
+
+def _bench_kwargs(args) -> dict:
+    return dict(backends=args.backends, batch_sizes=args.batch_sizes, precision=args.precision, warmup=args.warmup,
+                min_iters=args.min_iters, min_seconds=args.min_seconds)
+
+
 def cmd_run(args, argv) -> None:
+    from .bench.run import bench
+    from .export import parse_formats
+    from .export.run import export
+
     metric, fraction = ("params", args.budget_params) if args.budget_params is not None else ("macs", args.budget_macs)
+    formats = parse_formats(args.export)  # a typo in --export fails before training, not after
+    if "trt" in formats:
+        from .export import tensorrt
+
+        tensorrt.require()
     fields = {k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__}
-    run(RunConfig(**fields, budget_metric=metric, budget=0.5 if fraction is None else fraction,
-                  argv=["compress", *argv]))
+    config = RunConfig(**fields, budget_metric=metric, budget=0.5 if fraction is None else fraction,
+                       argv=["compress", *argv])
+    metrics = run(config)
+    out = metrics["out"]
+    if formats:
+        export(out, ",".join(formats), data_dir=args.data_dir, **_export_kwargs(args))
+    if args.bench:
+        bench(out, device=args.device, argv=["compress", *argv], **_bench_kwargs(args))
+
+
+def cmd_export(args, _argv) -> None:
+    from .export.run import export
+
+    results = export(args.source, args.formats, out=args.out, data_dir=args.data_dir, **_export_kwargs(args))
+    print(json.dumps(results, indent=2))
+
+
+def cmd_bench(args, argv) -> None:
+    from .bench.run import bench
+
+    bench(args.run_dir, device=args.device, argv=["compress", *argv], **_bench_kwargs(args))
 
 
 def cmd_inspect(args, _argv) -> None:
@@ -60,7 +143,7 @@ def cmd_inspect(args, _argv) -> None:
     print(json.dumps({"spec": asdict(spec), "macs": cost.macs, "params": cost.params}, indent=2))
 
 
-COMMANDS = {"run": cmd_run, "inspect": cmd_inspect}
+COMMANDS = {"run": cmd_run, "export": cmd_export, "bench": cmd_bench, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compress", description="Structured pruning of CNNs, measured.")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    _export_parser(sub)
+    _bench_parser(sub)
     _inspect_parser(sub)
     args = parser.parse_args(argv)
     try:

@@ -171,12 +171,14 @@ def run(config: RunConfig) -> dict:
                          label_smoothing=config.label_smoothing, seed=config.seed + 1)
     ft_history = fit(model, data, ft_cfg, device, desc="finetune")
     seconds["finetune"] = time.perf_counter() - stage
-    acc["finetuned"] = {"val": evaluate(model, data, "val", device), "test": evaluate(model, data, "test", device)}
+    acc["finetuned"] = acc["pruned"] if not ft_history else {
+        "val": evaluate(model, data, "val", device), "test": evaluate(model, data, "test", device)}
     checkpoint.save(model, spec_of(model), out / "pruned.pt")
     seconds["total"] = time.perf_counter() - t0
 
     metrics = {
         "status": "complete",
+        "out": str(out),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": config.argv or None,
         "config": asdict(config) | {"epochs": epochs, "argv": None},

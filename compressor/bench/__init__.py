@@ -1,0 +1,1 @@
+"""Latency and throughput of dense and pruned models on every backend, next to their MACs."""
