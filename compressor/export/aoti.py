@@ -27,7 +27,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tens
     model = copy.deepcopy(model).eval().to(device=device, dtype=dtype)
     if device == "cuda":
         model.to(memory_format=torch.channels_last)
-    x = example_inputs[:1].expand(2, *example_inputs.shape[1:]).to(device=device, dtype=dtype)  # batch 1 specialises
+    x = torch.cat([example_inputs[:1]] * 2).to(device=device, dtype=dtype)  # a batch of 1 would be specialised
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     try:
         with torch.no_grad():
