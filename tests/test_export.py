@@ -36,6 +36,17 @@ def test_onnx_matches_pytorch_at_any_batch(tmp_path, prune):
         assert result["top1_agreement"] == 1.0 and result["max_abs_diff"] < 1e-4
 
 
+@pytest.mark.parametrize("fp16, simplify", [(True, False), (False, True)], ids=["fp16", "simplified"])
+def test_onnx_fp16_and_simplified(tmp_path, fp16, simplify):
+    model, _ = pruned("resnet20")
+    x = torch.randn(32, 3, 32, 32)
+    path = onnx.export(model, tmp_path / "m.onnx", x, fp16=fp16, simplify=simplify)
+    proto = onnx_lib.load(str(path))
+    weights = {t.data_type for t in proto.graph.initializer}
+    assert (onnx_lib.TensorProto.FLOAT16 in weights) == fp16
+    assert verify(model(x), onnx.OnnxRuntimeModel(path)(x))["top1_agreement"] >= 0.99
+
+
 @pytest.mark.parametrize("prune", [False, True], ids=["dense", "pruned"])
 def test_aoti_package_matches_pytorch(tmp_path, prune):
     model, x = pruned("conv4") if prune else make("conv4")

@@ -85,7 +85,9 @@ def prepare(backend: str, model: nn.Module, example: torch.Tensor, device: torch
     if backend == "trt":
         from ..export import onnx, tensorrt
 
-        onnx_path = onnx.export(model, workdir / f"{label}-fp32.onnx", example)
+        fp16_onnx = tensorrt.wants_fp16_onnx(precision)
+        onnx_path = onnx.export(model, workdir / f"{label}-{'fp16' if fp16_onnx else 'fp32'}.onnx", example,
+                                fp16=fp16_onnx)
         engine = tensorrt.build_engine(onnx_path, workdir / f"{label}-{precision}.engine", precision=precision,
                                        min_batch=1, opt_batch=min(32, max_batch), max_batch=max_batch)
         return Prepared(tensorrt.TensorRTModel(engine), torch.float32, False)

@@ -84,11 +84,13 @@ def export(source: str | Path, formats: str = "onnx", out: str | Path | None = N
         checked("aoti", path, lambda: aoti.AOTIModel(path)(x.to(device)))
         results["aoti"]["device"] = device
     if "trt" in names:
-        from . import tensorrt
+        from . import onnx, tensorrt
 
         calibration = None
         if precision == "int8":
             calibration = [b for b, _ in DeviceBatches(data, "train", opt_batch, "cuda")][:16]
+        if tensorrt.wants_fp16_onnx(precision):
+            onnx_path = onnx.export(model, out / f"{stem}-fp16.onnx", x, opset=opset, fp16=True)
         engine = tensorrt.build_engine(onnx_path, out / f"{stem}-{precision}.engine", precision=precision,
                                        min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                                        workspace_gib=workspace_gib, timing_cache=out / "timing.cache",
