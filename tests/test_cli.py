@@ -75,3 +75,15 @@ def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "compressor.cli", "run", "--model", "nope"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "unknown model 'nope'" in result.stderr
+
+
+def test_run_then_export_and_bench(tmp_path):
+    out = tmp_path / "full"
+    args = ["run", "--model", "conv4", "--out", str(out), "--export", "onnx", "--bench", "--backends", "eager",
+            "--batch-sizes", "1,2", "--min-iters", "3", "--min-seconds", "0", "--device", "cpu", *FAST]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["export"]["onnx"]["verification"]["top1_agreement"] >= 0.99
+    bench = json.loads((out / "bench.json").read_text())
+    assert {(r["model"], r["batch"]) for r in bench["rows"]} == {(m, b) for m in ("dense", "pruned") for b in (1, 2)}
+    assert bench["command"][:2] == ["compress", "run"]
