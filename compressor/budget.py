@@ -50,32 +50,34 @@ class CostModel:
         model.train(was_training)
         self.dense = (float(macs), float(params))
         self.full = graph.widths()
-        owners: dict[str, set[str]] = {}
+        sides: dict[str, dict[str, set[str]]] = {}  # layer -> {"out": groups, "in": groups}
         for g in graph.groups:
-            for layer, _side in g.members:
-                owners.setdefault(layer, set()).add(g.name)
-        # (macs, params, owner groups, multiply?) per leaf layer whose cost depends on widths
+            for layer, side in g.members:
+                sides.setdefault(layer, {"out": set(), "in": set()})[side].add(g.name)
+        # (macs, params, output groups, input groups, is conv/linear) per leaf layer whose cost depends on widths
         self.terms = []
         fixed_macs, fixed_params = float(macs), float(params)
         for name, module in model.named_modules():
-            if list(module.children()) or name not in owners:
+            if list(module.children()) or name not in sides:
                 continue
             m, p = float(layer_macs.get(module) or 0), float(layer_params.get(module) or 0)
             fixed_macs -= m
             fixed_params -= p
-            self.terms.append((m, p, sorted(owners[name]), isinstance(module, PRUNABLE_TYPES)))
+            self.terms.append((m, p, sorted(sides[name]["out"]), sorted(sides[name]["in"] - sides[name]["out"]),
+                               isinstance(module, PRUNABLE_TYPES)))
         self.fixed = (fixed_macs, fixed_params)
+
+    def _share(self, groups, widths) -> float:
+        """Kept share of a tensor whose channels are the concatenation of ``groups``."""
+        return sum(widths[g] for g in groups) / sum(self.full[g] for g in groups) if groups else 1.0
 
     def fractions(self, widths: dict[str, int]) -> dict[str, float]:
         macs, params = self.fixed
-        for m, p, groups, bilinear in self.terms:
-            shares = [widths[g] / self.full[g] for g in groups]
-            if bilinear:  # a conv/linear: input share x output share (a depthwise conv has one group)
-                factor = 1.0
-                for s in shares:
-                    factor *= s
-            else:  # BN, activations: proportional to channels (mean if reused across groups)
-                factor = sum(shares) / len(shares)
+        for m, p, outs, ins, prunable in self.terms:
+            if prunable:  # conv/linear: output share x input share (a depthwise conv's input is its output group)
+                factor = self._share(outs, widths) * self._share(ins, widths)
+            else:  # BN, activations: proportional to their channels
+                factor = self._share(outs or ins, widths)
             macs += m * factor
             params += p * factor
         return {"macs": macs / self.dense[0], "params": params / self.dense[1]}
@@ -124,6 +126,9 @@ def solve_widths(
     def at_scale(s):
         return {g: nearest(g, s * ratios[g]) for g in full}
 
+    def ideal(s):
+        return {g: full[g] * (1.0 - min(s * ratios[g], max_ratio)) for g in full}
+
     smallest = {g: min(c) for g, c in choices.items()}
     reachable = frac(smallest)
     if budget.fraction < reachable - budget.tolerance:
@@ -142,8 +147,8 @@ def solve_widths(
                 lo = mid
             else:
                 hi = mid
-        widths = min((at_scale(lo), at_scale(hi)), key=lambda w: abs(frac(w) - target))
-        return _nudge(widths, choices, frac, target, budget.tolerance / 4)
+        s = min((lo, hi), key=lambda v: abs(frac(at_scale(v)) - target))
+        return _nudge(at_scale(s), choices, frac, target, budget.tolerance / 4, ideal(s))
 
     dense = count(graph.model, graph.example_inputs)
     target, best = budget.fraction, None
@@ -164,24 +169,41 @@ def solve_widths(
     return best
 
 
-def _nudge(widths, choices, frac, target, tolerance):
-    """Greedy single-group steps along each group's allowed widths, towards the target."""
+def _nudge(widths, choices, frac, target, tolerance, ideal):
+    """Steps along the groups' allowed widths until the cost is within ``tolerance`` of the target.
+
+    Single-group steps first, then paired steps (one group up, another down). Among the
+    steps that land within tolerance, the one closest to the criterion's ``ideal``
+    (continuous) widths wins, so rounding repairs do not undo the criterion's allocation.
+    """
     widths = dict(widths)
-    error = frac(widths) - target
-    while abs(error) > tolerance:
-        best_move, best_error = None, error
-        for g, options in choices.items():
-            i = options.index(widths[g])
-            for j in (i - 1, i + 1):
-                if 0 <= j < len(options):
-                    trial = {**widths, g: options[j]}
-                    e = frac(trial) - target
-                    if abs(e) < abs(best_error):
-                        best_move, best_error = (g, options[j]), e
-        if best_move is None:
+    full = {g: max(c) for g, c in choices.items()}
+
+    def excess(w):
+        return max(abs(frac(w) - target) - tolerance, 0.0)
+
+    def deviation(w):
+        return sum(abs(w[g] - ideal[g]) / full[g] for g in w)
+
+    def steps(g):
+        options = choices[g]
+        i = options.index(widths[g])
+        return [options[j] for j in (i - 1, i + 1) if 0 <= j < len(options)]
+
+    current = excess(widths)
+    while current > 0:
+        singles = [{g: w} for g in choices for w in steps(g)]
+        best = None
+        for moves in (singles, [{**a, **b} for a in singles for b in singles if a.keys() != b.keys()]):
+            trials = [{**widths, **m} for m in moves]
+            scored = [(excess(t), deviation(t), i) for i, t in enumerate(trials)]
+            better = [sc for sc in scored if sc[0] < current]
+            if better:
+                best = trials[min(better)[2]]
+                break
+        if best is None:
             break
-        widths[best_move[0]] = best_move[1]
-        error = best_error
+        widths, current = best, excess(best)
     return widths
 
 

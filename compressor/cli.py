@@ -38,6 +38,11 @@ def _run_parser(sub) -> None:
     p.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine"])
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for scoring")
+    g = p.add_argument_group("sensitivity criterion")
+    g.add_argument("--levels", default="0.25,0.5,0.75", help="damage levels (share of filters zeroed, or noise scale)")
+    g.add_argument("--damage", default="zero", choices=["zero", "noise"], help="zero lowest-L1 filters, or add noise")
+    g.add_argument("--steps", type=int, default=1, help="prune / fine-tune / re-analyse steps")
+    g.add_argument("--step-epochs", type=int, default=1, help="fine-tuning epochs between steps")
     p.add_argument("--export", metavar="FORMATS", help="after the run, export the pruned model: onnx,trt,aoti")
     p.add_argument("--bench", action="store_true", help="after the run, benchmark dense vs pruned (see compress bench)")
     _export_options(p)
@@ -82,6 +87,43 @@ def _bench_parser(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("--device", default="auto")
     _bench_options(p)
+
+
+def _analyze_parser(sub) -> None:
+    p = sub.add_parser("analyze", help="sensitivity analysis of a trained model: table and plot")
+    p.add_argument("source", help="a run directory (its dense.pt) or a checkpoint file")
+    p.add_argument("--method", default="sensitivity", choices=["sensitivity"])
+    p.add_argument("--levels", default="0.25,0.5,0.75")
+    p.add_argument("--damage", default="zero", choices=["zero", "noise"])
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="must match the run's, to stay off its training images")
+    p.add_argument("--seed", type=int, default=0, help="the run's seed (it fixes the validation split)")
+    p.add_argument("--out", help="output folder (default: the run directory, or the checkpoint's folder)")
+
+
+def cmd_analyze(args, _argv) -> None:
+    from pathlib import Path
+
+    from . import checkpoint, data as datasets, surgery
+    from .criteria.sensitivity import analyze, write_analysis
+    from .pipeline import RunConfig, criterion_options
+    from .train import pick_device
+
+    source = Path(args.source)
+    ckpt = source / "dense.pt" if source.is_dir() else source
+    model, spec = checkpoint.load(ckpt, with_spec=True)
+    data = datasets.load(spec.dataset, args.data_dir, args.val_fraction, args.seed)
+    device = pick_device(args.device)
+    model.to(device)
+    graph = surgery.trace(model, data.example_inputs(device=device))
+    levels = criterion_options(RunConfig(levels=args.levels))["levels"]
+    analysis = analyze(model, graph, data, device, levels, args.damage, seed=args.seed)
+    out = Path(args.out) if args.out else (source if source.is_dir() else ckpt.parent)
+    for path in write_analysis(analysis, out):
+        print(f"wrote {path}")
+    for name, value in sorted(analysis["sensitiveness"].items(), key=lambda kv: -kv[1]):
+        print(f"  {name:30s} sensitiveness {value:.4f}")
 
 
 def _inspect_parser(sub) -> None:
@@ -143,7 +185,7 @@ def cmd_inspect(args, _argv) -> None:
     print(json.dumps({"spec": asdict(spec), "macs": cost.macs, "params": cost.params}, indent=2))
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "bench": cmd_bench, "inspect": cmd_inspect}
+COMMANDS = {"run": cmd_run, "export": cmd_export, "bench": cmd_bench, "analyze": cmd_analyze, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     _run_parser(sub)
     _export_parser(sub)
     _bench_parser(sub)
+    _analyze_parser(sub)
     _inspect_parser(sub)
     args = parser.parse_args(argv)
     try:

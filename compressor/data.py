@@ -75,6 +75,12 @@ def load(
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     data_dir = Path(data_dir) if data_dir else Path("data")
     (train_x, train_y, test_x, test_y, classes), flip = _decoded(name, data_dir, cache_dir)
+    return from_tensors(name, train_x, train_y, test_x, test_y, classes, val_fraction, seed, flip)
+
+
+def from_tensors(name: str, train_x, train_y, test_x, test_y, classes, val_fraction: float = 0.1, seed: int = 0,
+                 flip: bool = False) -> ImageData:
+    """An :class:`ImageData` from uint8 NCHW tensors already in memory (your own data, or a test's)."""
     n_val = int(round(len(train_y) * val_fraction))
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values

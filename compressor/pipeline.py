@@ -45,6 +45,10 @@ class RunConfig:
     schedule: str = "onecycle"
     label_smoothing: float = 0.0
     val_fraction: float = 0.1
+    levels: str = "0.25,0.5,0.75"  # sensitivity: damage levels
+    damage: str = "zero"  # sensitivity: zero or noise
+    steps: int = 1  # sensitivity: prune / fine-tune / re-analyse steps
+    step_epochs: int = 1
     argv: list[str] = field(default_factory=list)
 
 
@@ -153,7 +157,7 @@ def run(config: RunConfig) -> dict:
 
     stage = time.perf_counter()
     request = criteria.PlanRequest(model, graph.example_inputs, budget, config.round_to, config.max_ratio,
-                                   config.seed, data, device, graph)
+                                   config.seed, data, device, graph, options=criterion_options(config), out_dir=out)
     plan = criteria.make_plan(config.method, request)
     seconds["plan"] = time.perf_counter() - stage
     write_text(out / "plan.json", plan.to_json() + "\n")
@@ -191,6 +195,7 @@ def run(config: RunConfig) -> dict:
         "params": {"dense": dense_cost.params, "pruned": pruned_cost.params,
                    "fraction": pruned_cost.params / dense_cost.params},
         "widths": {"dense": dense_widths, "pruned": plan.widths()},
+        "criterion": request.report,
         "seconds": seconds,
         "seconds_per_epoch": {"train": _mean_seconds(history), "finetune": _mean_seconds(ft_history)},
         "history": {"train": history, "finetune": ft_history},
@@ -200,6 +205,14 @@ def run(config: RunConfig) -> dict:
     write_json(out / "metrics.json", metrics)
     print(summary(metrics, out))
     return metrics
+
+
+def criterion_options(config: RunConfig) -> dict:
+    try:
+        levels = [float(v) for v in config.levels.split(",") if v.strip()]
+    except ValueError:
+        raise CompressorError(f"--levels takes numbers separated by commas, not {config.levels!r}") from None
+    return {"levels": levels, "mode": config.damage, "steps": config.steps, "step_epochs": config.step_epochs}
 
 
 def _mean_seconds(history: list[dict]) -> float | None:

@@ -115,12 +115,16 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
     return history
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, data: ImageData, split: str, device: torch.device, batch_size: int = 1024) -> float:
     """Top-1 accuracy on ``split`` ('val' or 'test')."""
+    return accuracy(model, DeviceBatches(data, split, batch_size, device, channels_last=device.type == "cuda"), device)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: DeviceBatches, device: torch.device) -> float:
+    """Top-1 accuracy over ``batches``; reuse one DeviceBatches to evaluate many times without re-copying data."""
     prepare(model, device)
     model.eval()
-    batches = DeviceBatches(data, split, batch_size, device, channels_last=device.type == "cuda")
     correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in batches:
         with autocast(device):

@@ -7,6 +7,7 @@ may train the model on the way (later criteria do), but it never removes channel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,6 +35,9 @@ class PlanRequest:
     data: ImageData | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     graph: Graph | None = None
+    options: dict = field(default_factory=dict)  # criterion-specific settings from the CLI
+    report: dict = field(default_factory=dict)  # what a criterion found, for metrics.json
+    out_dir: Path | None = None  # where a criterion may write its own tables and plots
 
     def traced(self) -> Graph:
         if self.graph is None:
@@ -59,4 +63,4 @@ def make_plan(method: str, request: PlanRequest) -> PruningPlan:
     return _CRITERIA[method](request)
 
 
-from . import baselines  # noqa: E402,F401  (fills the registry)
+from . import baselines, sensitivity  # noqa: E402,F401  (fill the registry)

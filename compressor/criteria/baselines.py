@@ -13,10 +13,10 @@ from ..surgery import PRUNABLE_TYPES, Graph
 from . import PlanRequest, register
 
 
-def filter_l1(graph: Graph) -> dict[str, torch.Tensor]:
+def filter_l1(graph: Graph, groups=None) -> dict[str, torch.Tensor]:
     """Per group, the L1 norm of each output filter, summed over the group's coupled conv/linear layers."""
     scores = {}
-    for group in graph.groups:
+    for group in graph.groups if groups is None else groups:
         total = torch.zeros(group.width)
         for name in group.out_layers:
             module = graph.module(name)
