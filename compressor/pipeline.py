@@ -116,6 +116,7 @@ def run(config: RunConfig) -> dict:
         raise CompressorError(f"no checkpoint at {config.checkpoint}")
     if config.round_to < 1:
         raise CompressorError(f"--round-to must be at least 1, got {config.round_to}")
+    options = criterion_options(config)
     device = pick_device(config.device)
     out = Path(config.out) if config.out else default_out(config)
     prepare_out(out, config.overwrite)
@@ -157,7 +158,7 @@ def run(config: RunConfig) -> dict:
 
     stage = time.perf_counter()
     request = criteria.PlanRequest(model, graph.example_inputs, budget, config.round_to, config.max_ratio,
-                                   config.seed, data, device, graph, options=criterion_options(config), out_dir=out)
+                                   config.seed, data, device, graph, options=options, out_dir=out)
     plan = criteria.make_plan(config.method, request)
     seconds["plan"] = time.perf_counter() - stage
     write_text(out / "plan.json", plan.to_json() + "\n")
