@@ -87,3 +87,14 @@ def test_run_then_export_and_bench(tmp_path):
     bench = json.loads((out / "bench.json").read_text())
     assert {(r["model"], r["batch"]) for r in bench["rows"]} == {(m, b) for m in ("dense", "pruned") for b in (1, 2)}
     assert bench["command"][:2] == ["compress", "run"]
+
+
+def test_export_trt_without_tensorrt_stops_before_training(tmp_path, capsys):
+    from compressor.export import tensorrt
+
+    if tensorrt.status()[0]:
+        pytest.skip("TensorRT is usable here, so it is not missing")
+    out = tmp_path / "r"
+    assert main(["run", "--dataset", "synthetic", "--export", "onnx,trt", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "pip install tensorrt" in err and "Traceback" not in err and not out.exists()

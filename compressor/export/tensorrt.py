@@ -1,18 +1,18 @@
 """TensorRT engines from ONNX, and a runner on torch CUDA tensors (no pycuda).
 
-Written against the TensorRT 10.x Python API. TensorRT 10 still has the builder
-precision flags (FP16, INT8) and the implicit int8 calibrators, though both are
-deprecated in favour of *strongly typed* networks, whose precision comes from the ONNX
-types (an fp16 ONNX, or explicit QuantizeLinear/DequantizeLinear nodes). From 11.x on,
-only strongly typed networks are built here: fp16 then needs an fp16 ONNX, and int8
-needs a Q/DQ ONNX (for example from NVIDIA Model Optimizer). ``_uses_precision_flags``
-is the one place that decides.
+Written against the TensorRT 10.x Python API. TensorRT 10 can still build *weakly typed*
+networks, where builder flags (FP16, INT8 with an implicit calibrator) let it pick lower
+precisions; both are deprecated there. TensorRT 11 removed them: every network is
+*strongly typed*, so precision comes from the ONNX itself (an fp16 ONNX, or explicit
+QuantizeLinear/DequantizeLinear nodes, e.g. from NVIDIA Model Optimizer). All of that
+branching lives in :func:`plan_precision`.
 
-TensorRT cannot be installed on the machines this project is built on, so this module
-has not been executed there; its tests skip with the reason.
+TensorRT cannot be installed on the machines this project is developed on, so its tests
+skip there with the reason; nothing here has been executed against a real TensorRT yet.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -22,23 +22,27 @@ from ..errors import CompressorError
 from ..files import atomic_path, write_json
 
 PRECISIONS = ("fp32", "fp16", "int8")
-INSTALL_HINT = ("install TensorRT 10 with `pip install tensorrt` on a Linux or Windows machine with an NVIDIA GPU, "
-                "its driver, and a CUDA build of torch")
+INSTALL_HINT = ("on a Linux or Windows machine with an NVIDIA GPU and its driver, `pip install tensorrt` "
+                "(TensorRT 10 or later) and use a CUDA build of torch")
 
 
 def status() -> tuple[bool, str]:
     """(True, TensorRT version) when TensorRT imports and torch sees a CUDA GPU; else (False, why not)."""
     try:
         import tensorrt as trt
-    except ImportError as exc:
-        return False, f"TensorRT is not installed ({exc})"
+    except Exception as exc:  # ImportError, or OSError when its CUDA libraries are missing
+        return False, f"TensorRT is not installed or does not load ({type(exc).__name__}: {exc})"
     if not torch.cuda.is_available():
-        return False, f"TensorRT {trt.__version__} is installed, but torch sees no CUDA GPU"
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        return False, f"TensorRT {trt.__version__} is installed, but torch ({torch.__version__}, {build}) sees no CUDA GPU"
     return True, trt.__version__
 
 
 def require():
-    """The ``tensorrt`` module, or one CompressorError saying what is missing and what to install."""
+    """The ``tensorrt`` module, or one CompressorError saying what is missing and what to install.
+
+    Every entry point calls this first, so a missing TensorRT is one line, never an ImportError.
+    """
     ok, why = status()
     if not ok:
         raise CompressorError(f"TensorRT engines need TensorRT and a CUDA GPU: {why}; {INSTALL_HINT}")
@@ -47,111 +51,58 @@ def require():
     return trt
 
 
-def _major(trt) -> int:
-    return int(trt.__version__.split(".")[0])
+def major_version(trt) -> int:
+    return int(str(trt.__version__).split(".")[0])
 
 
-def _uses_precision_flags(trt) -> bool:
-    """TensorRT 10 builds fp16/int8 from builder flags; 11+ only from the network's own types."""
-    return _major(trt) < 11
+def plan_precision(major: int, precision: str, fp16_onnx: bool, qdq: bool) -> tuple[bool, tuple[str, ...]]:
+    """(strongly typed?, builder flag names) for building ``precision`` from this ONNX on TensorRT ``major``.
+
+    The one place that knows the version differences. TensorRT 10: plain ONNX is built weakly
+    typed with the FP16 / INT8 flags (INT8 also gets FP16, so layers that do not pay in int8
+    fall back to fp16, not fp32); a Q/DQ ONNX is built strongly typed. TensorRT 11+: always
+    strongly typed, so the ONNX must already carry the precision.
+    """
+    if precision not in PRECISIONS:
+        raise CompressorError(f"TensorRT precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if qdq and precision != "int8":
+        raise CompressorError("this ONNX has QuantizeLinear/DequantizeLinear nodes, so it builds an int8 engine: "
+                              "use precision int8")
+    if fp16_onnx and not qdq and precision != "fp16":
+        raise CompressorError(f"this ONNX has fp16 weights, so it cannot build an {precision} engine: "
+                              "export an fp32 ONNX")
+    if qdq:
+        return True, ()
+    if major >= 11:
+        if precision == "fp16" and not fp16_onnx:
+            raise CompressorError(f"TensorRT {major}.x removed the FP16 builder flag (strongly typed networks only): "
+                                  "build an fp16 engine from an fp16 ONNX (export with --onnx-fp16, or convert it "
+                                  "with NVIDIA Model Optimizer AutoCast)")
+        if precision == "int8":
+            raise CompressorError(f"TensorRT {major}.x removed implicit int8 calibration: quantize the model with "
+                                  "explicit Q/DQ nodes (e.g. NVIDIA Model Optimizer, `pip install nvidia-modelopt`) "
+                                  "and build from that Q/DQ ONNX")
+        return True, ()
+    return False, {"fp32": (), "fp16": ("FP16",), "int8": ("FP16", "INT8")}[precision]
 
 
 def wants_fp16_onnx(precision: str) -> bool:
-    """True where an fp16 engine must be built from an fp16 ONNX (strongly typed TensorRT 11+)."""
-    return precision == "fp16" and not _uses_precision_flags(require())
+    """True where an fp16 engine must be built from an fp16 ONNX (TensorRT 11+, strongly typed only)."""
+    return precision == "fp16" and major_version(require()) >= 11
 
 
-def _onnx_types(onnx_path: Path) -> tuple[bool, bool]:
-    """(has fp16 weights, has Q/DQ nodes) of an ONNX file."""
+def onnx_types(onnx_path) -> tuple[bool, bool]:
+    """(has fp16 weights, has Q/DQ nodes) of an ONNX file: what a strongly typed build will run in."""
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:
+        raise CompressorError(f"{onnx_path} is not a readable ONNX file ({type(exc).__name__}: {exc})") from None
+    graphs = [model.graph, *(f for f in model.functions)]
     fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
-    qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for g in graphs for n in g.node)
     return fp16, qdq
-
-
-def build_engine(onnx_path, engine_path, *, precision: str = "fp16", min_batch: int = 1, opt_batch: int = 32,
-                 max_batch: int = 256, workspace_gib: float = 4.0, timing_cache=None, calibration_batches=None,
-                 calibration_cache=None, source_sha256: str | None = None) -> Path:
-    """Build and save an engine (plus a JSON sidecar) for the ONNX file's dynamic batch axis."""
-    trt = require()
-    if precision not in PRECISIONS:
-        raise CompressorError(f"TensorRT precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise CompressorError(f"need 1 <= min batch <= opt batch <= max batch, got {min_batch}, {opt_batch}, {max_batch}")
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    if not onnx_path.is_file():
-        raise CompressorError(f"no ONNX file at {onnx_path}")
-    fp16_onnx, qdq = _onnx_types(onnx_path)
-    flags_mode = _uses_precision_flags(trt) and not qdq
-    if not flags_mode:
-        if precision == "fp16" and not fp16_onnx:
-            raise CompressorError(f"TensorRT {trt.__version__} builds strongly typed networks: export the ONNX in "
-                                  "fp16 (--onnx-fp16) for an fp16 engine")
-        if precision == "int8" and not qdq:
-            raise CompressorError(f"TensorRT {trt.__version__} has no implicit int8 calibration: quantize the model "
-                                  "with explicit Q/DQ nodes (e.g. NVIDIA Model Optimizer) and build from that ONNX")
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network_flags = 0 if flags_mode else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(network_flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise CompressorError(f"TensorRT could not parse {onnx_path.name}: {errors}")
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    profile = builder.create_optimization_profile()
-    inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    for tensor in inputs:
-        rest = tuple(tensor.shape)[1:]
-        if any(d < 0 for d in rest):
-            raise CompressorError(f"input {tensor.name!r} has dynamic dimensions besides the batch: {tuple(tensor.shape)}")
-        profile.set_shape(tensor.name, (min_batch, *rest), (opt_batch, *rest), (max_batch, *rest))
-    config.add_optimization_profile(profile)
-    if flags_mode and precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)  # int8 engines fall back to fp16 where int8 does not pay
-    calibrator = None
-    if flags_mode and precision == "int8":
-        if not calibration_batches:
-            raise CompressorError("an int8 engine needs calibration images (training batches)")
-        config.set_flag(trt.BuilderFlag.INT8)
-        calibrator = _calibrator(trt, calibration_batches, calibration_cache)
-        config.int8_calibrator = calibrator
-        config.set_calibration_profile(profile)
-
-    cache_path = Path(timing_cache) if timing_cache else None
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-    config.set_timing_cache(cache, False)
-
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise CompressorError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")
-    with atomic_path(engine_path) as tmp:
-        tmp.write_bytes(bytes(serialized))
-    if cache_path:
-        with atomic_path(cache_path) as tmp:
-            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-
-    def describe(tensor):
-        return {"name": tensor.name, "shape": [int(d) for d in tensor.shape], "dtype": str(tensor.dtype)}
-
-    write_json(sidecar_path(engine_path), {
-        "inputs": [describe(t) for t in inputs],
-        "outputs": [describe(network.get_output(i)) for i in range(network.num_outputs)],
-        "precision": precision,
-        "strongly_typed": not flags_mode,
-        "batch": {"min": min_batch, "opt": opt_batch, "max": max_batch},
-        "workspace_gib": workspace_gib,
-        "tensorrt": trt.__version__,
-        "gpu": torch.cuda.get_device_name(),
-        "onnx": onnx_path.name,
-        "source_sha256": source_sha256,
-    })
-    return engine_path
 
 
 def sidecar_path(engine_path) -> Path:
@@ -159,89 +110,255 @@ def sidecar_path(engine_path) -> Path:
     return engine_path.with_suffix(engine_path.suffix + ".json")
 
 
-def _calibrator(trt, batches, cache_path):
-    """An entropy calibrator fed from torch CUDA tensors (TensorRT 10's implicit int8 path)."""
+def build_engine(onnx_path, engine_path, *, precision: str = "fp16", min_batch: int = 1, opt_batch: int = 32,
+                 max_batch: int = 256, workspace_gib: float = 4.0, timing_cache=None, calibration_batches=None,
+                 calibration_cache=None, source_sha256: str | None = None) -> Path:
+    """Build ``engine_path`` (and its JSON sidecar) from an ONNX file whose dim 0 is a dynamic batch.
 
-    class Calibrator(trt.IInt8EntropyCalibrator2):
+    The engine is written atomically, after its sidecar, so an engine file that exists is finished.
+    ``calibration_batches`` (float32 NCHW tensors, normalised) feed TensorRT 10's int8 calibrator;
+    with an existing ``calibration_cache`` they may be omitted.
+    """
+    trt = require()
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if precision not in PRECISIONS:
+        raise CompressorError(f"TensorRT precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise CompressorError(f"need 1 <= min batch <= opt batch <= max batch, got {min_batch}, {opt_batch}, {max_batch}")
+    if not workspace_gib > 0:
+        raise CompressorError(f"the TensorRT workspace must be positive, got {workspace_gib} GiB")
+    if not onnx_path.is_file():
+        raise CompressorError(f"no ONNX file at {onnx_path}")
+    fp16_onnx, qdq = onnx_types(onnx_path)
+    strongly_typed, flags = plan_precision(major_version(trt), precision, fp16_onnx, qdq)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network_flags = 0  # explicit batch is the only mode since TensorRT 10; 11 is always strongly typed
+    if strongly_typed and major_version(trt) < 11:
+        network_flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(network_flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "no details"
+        raise CompressorError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    outputs = [network.get_output(i) for i in range(network.num_outputs)]
+    profile = builder.create_optimization_profile()
+    for tensor in inputs:
+        shape = tuple(tensor.shape)
+        if not shape or shape[0] != -1 or any(d < 0 for d in shape[1:]):
+            raise CompressorError(f"input {tensor.name!r} of {onnx_path.name} has shape {shape}: only dim 0 (batch) "
+                                  "may be dynamic, and it must be (export with a dynamic batch axis)")
+        rest = shape[1:]
+        profile.set_shape(tensor.name, (min_batch, *rest), (opt_batch, *rest), (max_batch, *rest))
+    config.add_optimization_profile(profile)
+    for name in flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    calibrator = None
+    if "INT8" in flags:
+        if len(inputs) != 1:
+            raise CompressorError(f"int8 calibration here feeds one input, but {onnx_path.name} has {len(inputs)}")
+        calibrator = _calibrator(trt, calibration_batches, calibration_cache, tuple(inputs[0].shape)[1:], opt_batch)
+        config.int8_calibrator = calibrator
+        # calibration runs at one fixed shape: a profile of its own, with min = opt = max
+        calibration_profile = builder.create_optimization_profile()
+        calibration_profile.set_shape(inputs[0].name, *[calibrator.shape] * 3)
+        if not config.set_calibration_profile(calibration_profile):
+            raise CompressorError(f"TensorRT rejected the calibration shape {calibrator.shape}")
+
+    cache_path = Path(timing_cache) if timing_cache else None
+    _attach_timing_cache(config, cache_path)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise CompressorError(f"TensorRT failed to build a {precision} engine from {onnx_path.name} "
+                              "(its log above says why)")
+    if cache_path:
+        with atomic_path(cache_path) as tmp:
+            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+    def describe(tensor):
+        return {"name": tensor.name, "shape": [int(d) for d in tensor.shape], "dtype": _dtype_name(trt, tensor.dtype)}
+
+    write_json(sidecar_path(engine_path), {
+        "inputs": [describe(t) for t in inputs],
+        "outputs": [describe(t) for t in outputs],
+        "precision": precision,
+        "strongly_typed": strongly_typed,
+        "min_batch": min_batch,
+        "opt_batch": opt_batch,
+        "max_batch": max_batch,
+        "workspace_gib": workspace_gib,
+        "tensorrt": trt.__version__,
+        "gpu": torch.cuda.get_device_name(),
+        "onnx": onnx_path.name,
+        "source_sha256": source_sha256,
+        "calibration_batches": calibrator.used if calibrator is not None else None,
+    })
+    with atomic_path(engine_path) as tmp:
+        tmp.write_bytes(bytes(serialized))
+    return engine_path
+
+
+def _attach_timing_cache(config, cache_path: Path | None) -> None:
+    """Reuse layer timings from earlier builds; a cache from another GPU or TensorRT is replaced, not fatal."""
+    blob = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    if blob:
+        try:
+            cache = config.create_timing_cache(blob)
+            if cache is not None and config.set_timing_cache(cache, False):
+                return
+        except Exception:  # a truncated or foreign file
+            pass
+        print(f"TensorRT: timing cache {cache_path} does not match this GPU or TensorRT; starting a new one")
+    config.set_timing_cache(config.create_timing_cache(b""), False)
+
+
+def _dtype_name(trt, dtype) -> str:
+    """'float32', 'float16', ... rather than 'DataType.FLOAT', so the sidecar reads without TensorRT."""
+    try:
+        import numpy as np
+
+        return np.dtype(trt.nptype(dtype)).name
+    except Exception:
+        return str(dtype).rsplit(".", 1)[-1].lower()
+
+
+def _calibrator(trt, batches, cache_path, sample_shape: tuple, opt_batch: int):
+    """An IInt8EntropyCalibrator2 fed from torch tensors (TensorRT 10's implicit int8 path).
+
+    TensorRT calibrates at one fixed shape, that of the first batch; batches of another shape
+    (a short last batch) are skipped. Each batch is copied into one CUDA buffer, so only one
+    is on the GPU at a time. With a calibration cache file, TensorRT reads scales from it and
+    asks for no batches.
+    """
+    cache_path = Path(cache_path) if cache_path else None
+    pending = iter(batches if batches is not None else ())
+    first = next(pending, None)
+    if first is None:
+        if not (cache_path and cache_path.is_file()):
+            raise CompressorError("an int8 engine needs calibration batches (training images) or an existing "
+                                  "calibration cache")
+        shape = (opt_batch, *sample_shape)
+    else:
+        if not torch.is_tensor(first) or first.dim() != len(sample_shape) + 1:
+            raise CompressorError("calibration batches must be NCHW tensors")
+        shape = tuple(first.shape)
+        if shape[1:] != tuple(sample_shape):
+            raise CompressorError(f"calibration batches have shape {shape}, the network wants (N, "
+                                  f"{', '.join(map(str, sample_shape))})")
+        pending = itertools.chain([first], pending)
+
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self):
             trt.IInt8EntropyCalibrator2.__init__(self)
-            self.batches = [b.detach().float().cuda().contiguous() for b in batches]
-            self.index = 0
-            self.current = None  # keeps the batch alive while TensorRT reads it
+            self.shape = shape
+            self.buffer = torch.empty(shape, dtype=torch.float32, device="cuda")
+            self.used = 0
+            self.skipped = 0
 
         def get_batch_size(self):
-            return int(self.batches[0].shape[0])
+            return shape[0]
 
         def get_batch(self, names):
-            if self.index >= len(self.batches):
-                return None
-            self.current = self.batches[self.index]
-            self.index += 1
-            return [int(self.current.data_ptr())] * len(names)
+            for batch in pending:
+                if not torch.is_tensor(batch) or tuple(batch.shape) != shape:
+                    self.skipped += 1
+                    continue
+                self.buffer.copy_(batch.detach())
+                torch.cuda.current_stream().synchronize()  # TensorRT reads it on its own stream
+                self.used += 1
+                return [int(self.buffer.data_ptr())] * len(names)
+            return None
 
         def read_calibration_cache(self):
-            path = Path(cache_path) if cache_path else None
-            return path.read_bytes() if path and path.is_file() else None
+            return cache_path.read_bytes() if cache_path and cache_path.is_file() else None
 
         def write_calibration_cache(self, cache):
             if cache_path:
                 with atomic_path(cache_path) as tmp:
                     tmp.write_bytes(bytes(cache))
 
-    return Calibrator()
+    return EntropyCalibrator()
 
 
 def _torch_dtype(trt, dtype):
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT8: torch.int8,
              trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool}
-    if hasattr(trt.DataType, "BF16"):
-        table[trt.DataType.BF16] = torch.bfloat16
+    for name, torch_type in (("BF16", torch.bfloat16), ("INT64", torch.int64)):
+        if hasattr(trt.DataType, name):
+            table[getattr(trt.DataType, name)] = torch_type
     if dtype not in table:
         raise CompressorError(f"unsupported TensorRT I/O type {dtype}")
     return table[dtype]
 
 
 class TensorRTModel:
-    """A deserialised engine called like a module: torch CUDA tensor in, torch CUDA tensor out.
+    """A deserialised engine called like a module: torch CUDA tensor in, float torch CUDA tensor out.
 
-    The buffers are torch tensors (``set_tensor_address``), and the engine runs on torch's
-    current stream (``execute_async_v3``), so it composes with the rest of a torch program.
+    Buffers are torch tensors (``set_tensor_address``) and the engine runs on torch's current
+    stream (``execute_async_v3``), so it is ordered with the surrounding torch work, with no copies.
     """
 
-    def __init__(self, engine_path: str | os.PathLike, device: int | None = None):
+    def __init__(self, engine_path: str | os.PathLike, device: int | str | torch.device | None = None):
         trt = require()
         path = Path(engine_path)
         if not path.is_file():
             raise CompressorError(f"no TensorRT engine at {path}")
-        self.device = torch.device("cuda", torch.cuda.current_device() if device is None else device)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+        if self.device.type != "cuda":
+            raise CompressorError(f"a TensorRT engine runs on a CUDA device, not {self.device}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise CompressorError(f"{path} is not an engine this TensorRT ({trt.__version__}) and GPU can load")
-        self.context = self.engine.create_execution_context()
+        with torch.cuda.device(self.device):
+            self.runtime = trt.Runtime(self.logger)
+            self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+            if self.engine is None:
+                raise CompressorError(f"{path} is not an engine that TensorRT {trt.__version__} on this GPU can load "
+                                      "(engines are tied to the TensorRT version and GPU that built them)")
+            self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise CompressorError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if len(inputs) != 1 or len(outputs) != 1:
-            raise CompressorError(f"expected one input and one output, found {inputs} and {outputs}")
-        self.input_name, self.output_name = inputs[0], outputs[0]
-        self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))
-        self.output_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name))
-        low, _opt, high = self.engine.get_tensor_profile_shape(self.input_name, 0)
+            raise CompressorError(f"expected an engine with one input and one output, found {inputs} and {outputs}")
+        self._input, self._output = inputs[0], outputs[0]
+        self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self._input))
+        self.output_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self._output))
+        low, _opt, high = self.engine.get_tensor_profile_shape(self._input, 0)
         self.batch_range = (int(low[0]), int(high[0]))
+
+    @property
+    def input_name(self) -> str:
+        return self._input
+
+    @property
+    def output_name(self) -> str:
+        return self._output
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         low, high = self.batch_range
-        if not low <= x.shape[0] <= high:
-            raise CompressorError(f"batch {x.shape[0]} is outside the engine's profile [{low}, {high}]")
-        x = x.to(self.device, self.input_dtype).contiguous()
-        if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
-            raise CompressorError(f"the engine does not accept input shape {tuple(x.shape)}")
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.output_dtype,
-                          device=self.device)
-        self.context.set_tensor_address(self.input_name, x.data_ptr())
-        self.context.set_tensor_address(self.output_name, out.data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise CompressorError("TensorRT failed to execute the engine")
+        if x.dim() == 0 or not low <= x.shape[0] <= high:
+            raise CompressorError(f"batch {x.shape[0] if x.dim() else 'of a scalar'} is outside the engine's "
+                                  f"profile [{low}, {high}]")
+        with torch.cuda.device(self.device):
+            x = x.detach().to(self.device, self.input_dtype).contiguous()
+            if not self.context.set_input_shape(self._input, tuple(x.shape)):
+                raise CompressorError(f"the engine does not accept input shape {tuple(x.shape)}")
+            shape = tuple(self.context.get_tensor_shape(self._output))
+            if any(d < 0 for d in shape):
+                raise CompressorError(f"the engine's output shape {shape} is not known from the input shape")
+            out = torch.empty(shape, dtype=self.output_dtype, device=self.device)
+            if not (self.context.set_tensor_address(self._input, x.data_ptr())
+                    and self.context.set_tensor_address(self._output, out.data_ptr())):
+                raise CompressorError("TensorRT rejected the input or output buffer address")
+            # x and out are freed onto the same stream by torch's allocator, so reuse waits for this run
+            if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+                raise CompressorError("TensorRT failed to execute the engine (its log above says why)")
         return out.float()
