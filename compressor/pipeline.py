@@ -10,7 +10,7 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,8 +47,24 @@ class RunConfig:
     val_fraction: float = 0.1
     levels: str = "0.25,0.5,0.75"  # sensitivity: damage levels
     damage: str = "zero"  # sensitivity: zero or noise
-    steps: int = 1  # sensitivity: prune / fine-tune / re-analyse steps
-    step_epochs: int = 1
+    steps: int | None = None  # sensitivity (default 1) and psap (default 3): prune / train steps
+    step_epochs: int | None = None  # training epochs inside a criterion's steps (default 1)
+    from_scratch: bool = False  # no dense training: a training criterion starts from random weights
+    resume: bool = False  # continue an interrupted run in --out (from its dense.pt and the criterion's state)
+    psap_threshold: float = 0.5
+    protect_z: float = 2.0
+    ffr_length: float = 0.01
+    ffr_curvature: float = 0.01
+    ffr_warmup: float = 1.0
+    ffr_epochs: int = 5
+    ffr_score: str = "bn"
+    group_size: int = 1
+    population: int = 32
+    generations: int = 30
+    crossover: str = "uniform"
+    mutation: float | None = None
+    objective: str = "accuracy"
+    search_samples: int = 2048
     argv: list[str] = field(default_factory=list)
 
 
@@ -110,6 +126,12 @@ def run(config: RunConfig) -> dict:
     budget = Budget(config.budget_metric, config.budget)
     if config.method not in criteria.available():
         raise CompressorError(f"unknown method {config.method!r}; available: {', '.join(criteria.available())}")
+    if config.from_scratch and (config.checkpoint or config.epochs):
+        raise CompressorError("--from-scratch starts from random weights: it takes no --checkpoint and no --epochs")
+    if config.resume:
+        if not config.out or not (Path(config.out) / "dense.pt").is_file():
+            raise CompressorError("--resume continues a run: give its --out, which must hold the run's dense.pt")
+        config = replace(config, checkpoint=str(Path(config.out) / "dense.pt"), epochs=0, overwrite=True)
     if config.checkpoint is None:
         models.resolve(config.model)
     elif not Path(config.checkpoint).is_file():
@@ -140,7 +162,7 @@ def run(config: RunConfig) -> dict:
         model_name = config.model
         kwargs = models.factory_kwargs(model_name, data.num_classes, data.input_shape[0])
         model = models.build(model_name, **kwargs)
-    epochs = config.epochs if config.epochs is not None else (0 if config.checkpoint else 15)
+    epochs = config.epochs if config.epochs is not None else (0 if config.checkpoint or config.from_scratch else 15)
     model.to(device)
     graph = surgery.trace(model, data.example_inputs(device=device))  # an untraceable model stops before training
 
@@ -213,7 +235,17 @@ def criterion_options(config: RunConfig) -> dict:
         levels = [float(v) for v in config.levels.split(",") if v.strip()]
     except ValueError:
         raise CompressorError(f"--levels takes numbers separated by commas, not {config.levels!r}") from None
-    return {"levels": levels, "mode": config.damage, "steps": config.steps, "step_epochs": config.step_epochs}
+    if config.crossover not in ("uniform", "two-point"):
+        raise CompressorError(f"--crossover must be uniform or two-point, not {config.crossover!r}")
+    if config.objective not in ("accuracy", "loss"):
+        raise CompressorError(f"--objective must be accuracy or loss, not {config.objective!r}")
+    if config.ffr_score not in ("bn", "norm"):
+        raise CompressorError(f"--ffr-score must be bn or norm, not {config.ffr_score!r}")
+    names = ("steps", "step_epochs", "from_scratch", "resume", "psap_threshold", "protect_z", "ffr_length",
+             "ffr_curvature", "ffr_warmup", "ffr_epochs", "ffr_score", "group_size", "population", "generations",
+             "crossover", "mutation", "objective", "search_samples")
+    return {"levels": levels, "mode": config.damage, "lr": config.lr if config.from_scratch else config.finetune_lr,
+            **{n: getattr(config, n) for n in names}}
 
 
 def _mean_seconds(history: list[dict]) -> float | None:

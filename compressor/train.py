@@ -10,6 +10,7 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -36,6 +37,21 @@ class TrainConfig:
         return asdict(self)
 
 
+@dataclass
+class TrainHooks:
+    """Work a criterion adds to each training step, so that it needs no training loop of its own.
+
+    ``penalty(progress)`` returns named loss terms (already weighted) to add to the loss;
+    ``progress`` runs from 0 to 1 over the call, for warm-ups. Each term's epoch mean is
+    logged. ``after_backward`` sees the gradients before the optimizer step (PSAP watches
+    and masks them there), ``after_step`` runs after it.
+    """
+
+    penalty: Callable[[float], dict[str, torch.Tensor]] | None = None
+    after_backward: Callable[[], None] | None = None
+    after_step: Callable[[], None] | None = None
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -60,7 +76,8 @@ def prepare(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.device, desc: str = "train") -> list[dict]:
+def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.device, desc: str = "train",
+        hooks: TrainHooks | None = None) -> list[dict]:
     """Train ``model`` on ``data``'s training split; returns one record per epoch."""
     if config.epochs <= 0:
         return []
@@ -83,6 +100,7 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    hooks = hooks or TrainHooks()
     history = []
     for epoch in range(config.epochs):
         model.train()
@@ -90,16 +108,26 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
+        term_sums: dict[str, torch.Tensor] = {}
         bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False, dynamic_ncols=True, disable=None)
         for step, (x, y) in enumerate(bar):
             with autocast(device):
                 logits = model(x)
                 loss = criterion(logits, y)
+                if hooks.penalty is not None:
+                    terms = hooks.penalty((epoch * len(batches) + step) / total)
+                    for name, term in terms.items():
+                        loss = loss + term
+                        term_sums[name] = term_sums.get(name, 0) + term.detach() * len(y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if hooks.after_backward is not None:
+                hooks.after_backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if hooks.after_step is not None:
+                hooks.after_step()
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
@@ -109,6 +137,7 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
             torch.cuda.synchronize()
         record = {"epoch": epoch + 1, "loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
                   "seconds": time.perf_counter() - start}
+        record.update({name: float(v) / seen for name, v in term_sums.items()})  # penalty terms, included in loss
         history.append(record)
         tqdm.write(f"{desc} epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, "
                    f"train acc {record['train_acc']:.2%}, {record['seconds']:.1f}s")

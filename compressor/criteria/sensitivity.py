@@ -117,7 +117,7 @@ def sensitivity(request: PlanRequest) -> PruningPlan:
     opts = request.options
     levels = tuple(opts.get("levels", LEVELS))
     mode = opts.get("mode", "zero")
-    steps = int(opts.get("steps", 1))
+    steps = int(opts.get("steps") or 1)
     if steps < 1:
         raise CompressorError(f"--steps must be at least 1, got {steps}")
     graph = request.traced()
@@ -144,7 +144,7 @@ def sensitivity(request: PlanRequest) -> PruningPlan:
         origin = {g: [origin[g][i] for i in plan.keep.get(g, range(len(origin[g])))] for g in origin}
         apply(work, plan, x, graph=work_graph)
         if step < steps:
-            fit(work, request.data, TrainConfig(int(opts.get("step_epochs", 1)), lr=0.01, schedule="cosine",
+            fit(work, request.data, TrainConfig(int(opts.get("step_epochs") or 1), lr=0.01, schedule="cosine",
                                                 seed=request.seed + step), request.device, desc=f"step {step}")
     _record(request, analyses[0], analyses)
     return PruningPlan({g: idx for g, idx in origin.items()})

@@ -1,0 +1,55 @@
+"""Collect finished runs into benchmarks/results/NAME.{json,md}: one row per run directory.
+
+Usage: python benchmarks/summarize_runs.py NAME RUN_DIR...
+Each row keeps the command, commit, device and date from the run's metrics.json.
+"""
+import json
+import sys
+from pathlib import Path
+
+
+def total_epochs(m: dict) -> int:
+    """Every epoch of training the result saw: dense (including the checkpoint's), criterion, fine-tuning."""
+    epochs = m["config"]["epochs"] + m["config"]["finetune_epochs"]
+    if m["config"]["checkpoint"]:
+        epochs += len(json.loads(Path(m["config"]["checkpoint"]).with_name("metrics.json").read_text())
+                      ["history"]["train"])
+    for name, report in m["criterion"].items():
+        for step in report.get("steps", []) if isinstance(report, dict) else []:
+            epochs += len(step.get("history", [])) if isinstance(step, dict) else 0
+        epochs += len(report.get("history", [])) if isinstance(report, dict) else 0
+    return epochs
+
+
+def row(run: str) -> dict:
+    m = json.loads((Path(run) / "metrics.json").read_text())
+    crit = m["criterion"].get(m["method"], {})
+    return {"run": run, "method": m["method"], "from_scratch": m["config"].get("from_scratch", False),
+            "budget": f"{m['budget']['fraction']:g} of {m['budget']['metric']}",
+            "macs_kept": m["macs"]["fraction"], "params_kept": m["params"]["fraction"],
+            "widths": m["widths"]["pruned"], "total_epochs": total_epochs(m),
+            "acc_dense": m["accuracy"]["dense"]["test"], "acc_pruned": m["accuracy"]["pruned"]["test"],
+            "acc_finetuned": m["accuracy"]["finetuned"]["test"],
+            "restored_per_step": crit.get("restored_per_step"), "seconds": m["seconds"]["total"],
+            "command": " ".join(m["command"] or []), "commit": m["versions"]["commit"], "device": m["device"],
+            "date": m["date"]}
+
+
+def main(name: str, runs: list[str]) -> None:
+    rows = [row(r) for r in runs]
+    out = Path(__file__).parent / "results"
+    (out / f"{name}.json").write_text(json.dumps({"runs": rows}, indent=2) + "\n")
+    lines = ["| method | from scratch | budget | MACs kept | params kept | widths | total epochs | "
+             "test acc after pruning | after fine-tuning | restored per step |", "|---" * 10 + "|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {'yes' if r['from_scratch'] else 'no'} | {r['budget']} | {r['macs_kept']:.2%} | "
+                     f"{r['params_kept']:.2%} | {list(r['widths'].values())} | {r['total_epochs']} | "
+                     f"{r['acc_pruned']:.2%} | {r['acc_finetuned']:.2%} | {r['restored_per_step'] or ''} |")
+    lines += ["", "Commands (in row order):", ""] + [f"    {r['command']}" for r in rows]
+    lines += ["", f"Device: {rows[0]['device']}; commit {rows[0]['commit']}; dates {rows[0]['date']} .. {rows[-1]['date']}."]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])

@@ -1,0 +1,187 @@
+"""PSAP: protective self-adaptive pruning (our reading of the seed paper; its full text was not available).
+
+An iterative prune-train loop over ``steps`` steps. Step ``s`` keeps
+``1 - (1 - budget) * s / steps`` of the budget's metric, so the last step meets the budget.
+
+Self-adaptive ratios: before each step, a group's *sparsity* is the share of its kept
+conv/linear weights with ``|w| < threshold * mean|w|`` (mean over the same weights; the
+default threshold 0.5 marks about 31% of a Gaussian layer). Each group's pruning ratio is
+proportional to its sparsity, scaled by the shared solver to the step's budget and capped
+by ``--max-ratio``. Inside a group, filters go by L1 norm.
+
+Masks, not surgery, during the loop (see ``compressor.masking``): masked filters are
+zeroed and held at zero through every optimizer step, and their gradients are still
+computed. The watched gradient of a channel is the mean absolute gradient of its shift
+(BatchNorm bias; see ``masking.shift_params``) over the step's training: the conv rows of
+a masked filter get no gradient once its BatchNorm scale is zero, the shift does.
+
+Protective reconstruction: after each step's training except the last, a masked channel
+whose watched gradient exceeds ``mean + protect_z * std`` of the kept channels of its
+group is restored with the weights it had when it was masked, and the kept channel of
+that group with the least L1 norm is masked in its place, so widths and budget hold.
+
+``--from-scratch`` runs the same loop from the random initialisation (the pipeline skips
+dense training) and trains the steps at the dense learning rate. The final masks become a
+plan; surgery removes exactly the zeroed channels, so the result equals the masked model.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..budget import Budget, solve_widths
+from ..errors import CompressorError
+from ..plan import PruningPlan
+from ..surgery import PRUNABLE_TYPES, Graph
+from ..train import TrainConfig, TrainHooks, fit
+from .. import masking
+from . import PlanRequest, register
+from .baselines import filter_l1
+
+THRESHOLD = 0.5
+PROTECT_Z = 2.0
+
+
+def sparsity(graph: Graph, masks: dict[str, torch.Tensor], threshold: float = THRESHOLD) -> dict[str, float]:
+    """Per group, the share of kept conv/linear weights below ``threshold`` x their mean magnitude."""
+    found = {}
+    for group in graph.groups:
+        keep = masks[group.name]
+        small = total = 0
+        for name in group.out_layers:
+            module = graph.module(name)
+            if isinstance(module, PRUNABLE_TYPES):
+                w = module.weight.detach()[keep.to(module.weight.device)].abs().float()
+                if w.numel():
+                    small += int((w < threshold * w.mean()).sum())
+                    total += w.numel()
+        found[group.name] = small / total if total else 0.0
+    return found
+
+
+class GradientWatch:
+    """Mean |gradient| of each channel's shift over the training steps seen (``masking.shift_params``)."""
+
+    def __init__(self, graph: Graph):
+        self.shifts = {g.name: masking.shift_params(graph, g) for g in graph.groups}
+        self.sums = {name: 0.0 for name in self.shifts}
+        self.steps = 0
+
+    def record(self):
+        for name, params in self.shifts.items():
+            total = 0.0
+            for t in params:
+                if t.grad is not None:
+                    total = total + t.grad.detach().abs().float().reshape(t.shape[0], -1).mean(1)
+            self.sums[name] = self.sums[name] + total
+        self.steps += 1
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        return {n: torch.as_tensor(s).cpu() / max(self.steps, 1) for n, s in self.sums.items()}
+
+
+def protect(masks: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], importance: dict[str, torch.Tensor],
+            z: float = PROTECT_Z) -> tuple[dict[str, torch.Tensor], dict[str, list[tuple[int, int]]]]:
+    """Restore masked channels whose gradient stands out; mask the least important kept ones instead.
+
+    Returns the new masks and, per group, the (restored, newly masked) channel pairs.
+    Widths never change, so a budget met before still holds.
+    """
+    new, swaps = {}, {}
+    for name, keep in masks.items():
+        keep = keep.clone()
+        g = grads[name].float()
+        kept, masked = torch.nonzero(keep).flatten(), torch.nonzero(~keep).flatten()
+        pairs = []
+        if len(masked) and len(kept) > 1:
+            limit = g[kept].mean() + z * g[kept].std()
+            standing_out = masked[g[masked] > limit]
+            standing_out = standing_out[torch.argsort(g[standing_out], descending=True)]
+            victims = kept[torch.argsort(importance[name][kept].float())]  # least important first
+            for restored, victim in zip(standing_out.tolist(), victims.tolist()):
+                keep[restored], keep[victim] = True, False
+                pairs.append((restored, victim))
+        new[name], swaps[name] = keep, pairs
+    return new, swaps
+
+
+class _Saved:
+    """Weights of masked channels as they were when masked, to put back if they are restored."""
+
+    def __init__(self, graph: Graph):
+        self.graph, self.rows = graph, {}
+
+    @torch.no_grad()
+    def change(self, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+        """Move from masks ``old`` to ``new``: put back channels that return, save and zero those that go."""
+        for group in self.graph.groups:
+            params = masking.channel_params(self.graph, group)
+            for c in torch.nonzero(new[group.name] & ~old[group.name]).flatten().tolist():
+                for t, row in zip(params, self.rows.pop((group.name, c))):
+                    t[c] = row
+            for c in torch.nonzero(old[group.name] & ~new[group.name]).flatten().tolist():
+                self.rows[(group.name, c)] = [t[c].clone() for t in params]
+        masking.zero_masked(self.graph, new)
+
+
+@register("psap")
+def psap(request: PlanRequest) -> PruningPlan:
+    if request.data is None:
+        raise CompressorError("the psap criterion trains between its steps and needs data")
+    opts = request.options
+    steps, step_epochs = int(opts.get("steps") or 3), int(opts.get("step_epochs") or 1)
+    threshold, z = float(opts.get("threshold", THRESHOLD)), float(opts.get("protect_z", PROTECT_Z))
+    if steps < 1 or step_epochs < 1:
+        raise CompressorError(f"psap needs --steps >= 1 and --step-epochs >= 1, got {steps} and {step_epochs}")
+    if not 0 < threshold < 1:
+        raise CompressorError(f"--psap-threshold must lie in (0, 1), got {threshold}")
+    lr = float(opts.get("lr", 0.01))  # the pipeline passes the dense rate when starting from scratch
+    graph, model, budget = request.traced(), request.model, request.budget
+    masks, saved, watch = masking.full_masks(graph), _Saved(graph), None
+    records = []
+    for step in range(1, steps + 1):
+        record = {"step": step}
+        if watch is not None:  # protective reconstruction, from the last step's gradients
+            protected, swaps = protect(masks, watch.mean(), filter_l1(graph), z)
+            saved.change(masks, protected)
+            masks = protected
+            record["restored"] = {n: len(p) for n, p in swaps.items()}
+            record["restored_total"] = sum(record["restored"].values())
+        target = 1.0 - (1.0 - budget.fraction) * step / steps
+        tolerance = budget.tolerance if step == steps else max(budget.tolerance, 0.03)
+        found = sparsity(graph, masks, threshold)
+        ratios = {n: v + 1e-3 for n, v in found.items()}  # a layer with no small weights still gives a little
+        widths = solve_widths(graph, Budget(budget.metric, target, tolerance), ratios, request.round_to,
+                              request.max_ratio).widths
+        pruned = _top(filter_l1(graph), widths)  # masked channels score 0 by L1, so they stay masked
+        saved.change(masks, pruned)
+        masks = pruned
+        record.update({"target": target, "sparsity": found, "ratios": {n: 1 - widths[n] / graph.group(n).width
+                                                                        for n in widths}, "widths": widths})
+        watch = GradientWatch(graph)
+        keep_zero = masking.hooks(graph, masks)
+
+        def after_backward(watch=watch, keep_zero=keep_zero):
+            watch.record()
+            keep_zero.after_backward()
+
+        history = fit(model, request.data, TrainConfig(step_epochs, lr=lr, schedule="cosine",
+                                                       seed=request.seed + step),
+                      request.device, desc=f"psap step {step}/{steps}",
+                      hooks=TrainHooks(after_backward=after_backward, after_step=keep_zero.after_step))
+        record["history"] = history
+        records.append(record)
+        print(f"psap step {step}/{steps}: target {target:.3f} of {budget.metric}, "
+              f"restored {record.get('restored_total', 0)}, widths {widths}")
+    request.report["psap"] = {"steps": records, "threshold": threshold, "protect_z": z, "lr": lr,
+                              "restored_per_step": [r.get("restored_total", 0) for r in records]}
+    return masking.to_plan(masks)
+
+
+def _top(scores: dict[str, torch.Tensor], widths: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Masks keeping the ``widths[g]`` highest-scoring channels of each group."""
+    masks = {}
+    for name, width in widths.items():
+        mask = torch.zeros(scores[name].numel(), dtype=torch.bool)
+        mask[torch.topk(scores[name].float(), width).indices] = True
+        masks[name] = mask
+    return masks

@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from compressor import data as datasets, masking, models, surgery
+from compressor.budget import Budget, CostModel
+from compressor.criteria import PlanRequest, make_plan
+from compressor.criteria.psap import protect, sparsity
+from compressor.train import TrainConfig, fit
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def small():
+    return datasets.from_tensors("small", *datasets.synthetic(n_train=320, n_test=64), val_fraction=0.2)
+
+
+def psap_request(name, data, fraction=0.5, metric="macs", steps=2):
+    torch.manual_seed(0)
+    model = models.create(name, 10, 3)
+    x = data.example_inputs()
+    return PlanRequest(model, x, Budget(metric, fraction), data=data, options={"steps": steps, "step_epochs": 1})
+
+
+def test_sparser_layer_gets_higher_ratio(small):
+    request = psap_request("conv4", small, steps=1)
+    graph = request.traced()
+    target = graph.groups[1]
+    with torch.no_grad():  # zero 70% of one layer's weights: it is now the sparsest
+        w = graph.module(target.name).weight
+        w[torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) < 0.7] = 0
+    found = sparsity(graph, masking.full_masks(graph))
+    assert max(found, key=found.get) == target.name and found[target.name] > 0.7
+    make_plan("psap", request)
+    ratios = request.report["psap"]["steps"][0]["ratios"]
+    assert max(ratios, key=ratios.get) == target.name
+    assert ratios[target.name] > max(r for n, r in ratios.items() if n != target.name)
+
+
+def test_masked_filter_with_large_gradient_is_restored_and_budget_holds(small):
+    graph = surgery.trace(models.create("conv4", 10, 3), small.example_inputs())
+    masks = masking.full_masks(graph)
+    name = graph.groups[2].name
+    masks[name][:32] = False  # half of a 64-wide group masked
+    grads = {g: torch.full((m.numel(),), 1.0) + 0.1 * torch.rand(m.numel()) for g, m in masks.items()}
+    grads[name][5] = 50.0  # masked channel 5 stands out
+    importance = {g: torch.arange(m.numel(), dtype=torch.float) for g, m in masks.items()}  # channel 32 least important kept
+    new, swaps = protect(masks, grads, importance, z=2.0)
+    assert swaps[name] == [(5, 32)]
+    assert new[name][5] and not new[name][32]
+    assert all(not pairs for g, pairs in swaps.items() if g != name)
+    cost = CostModel(graph)
+    assert cost.fractions(masking.widths(new)) == cost.fractions(masking.widths(masks))
+    # nothing stands out: nothing changes
+    grads[name][5] = 1.0
+    again, swaps = protect(masks, grads, importance, z=2.0)
+    assert not any(swaps.values()) and all(torch.equal(again[g], masks[g]) for g in masks)
+
+
+@pytest.mark.parametrize("name", ["conv4", "resnet20"])
+def test_masked_model_equals_pruned_model(small, name):
+    request = psap_request(name, small, fraction=0.5)
+    plan = make_plan("psap", request)
+    model, x = request.model.eval(), small.example_inputs()
+    graph = request.traced()
+    kept = {g: set(idx) for g, idx in plan.keep.items()}
+    dropped = 0
+    for group in graph.groups:  # masks do not leak: dropped channels are exactly zero after training
+        drop = [c for c in range(group.width) if c not in kept[group.name]]
+        dropped += len(drop)
+        assert all(torch.count_nonzero(t[drop]) == 0 for t in masking.channel_params(graph, group))
+    assert dropped > 0
+    batch = torch.cat([x, torch.randn(6, *x.shape[1:])])
+    pruned = surgery.pruned_copy(model, plan, x).eval()
+    with torch.no_grad():
+        masked_out, pruned_out = model(batch), pruned(batch)
+    torch.testing.assert_close(pruned_out, masked_out, rtol=1e-4, atol=1e-5)
+
+
+def test_masks_survive_momentum_and_weight_decay(small):
+    model = models.create("vgg11", 10, 3)
+    graph = surgery.trace(model, small.example_inputs())
+    masks = masking.full_masks(graph)
+    for m in masks.values():
+        m[::3] = False
+    masking.zero_masked(graph, masks)
+    fit(model, small, TrainConfig(epochs=1, lr=0.1, weight_decay=5e-3, momentum=0.9), CPU,
+        hooks=masking.hooks(graph, masks))
+    for group in graph.groups:
+        drop = ~masks[group.name]
+        params = masking.channel_params(graph, group)
+        assert all(torch.count_nonzero(t[drop]) == 0 for t in params)
+        assert any(torch.count_nonzero(t[~drop]) > 0 for t in params)  # the kept ones did train
+
+
+@pytest.mark.parametrize("name", ["conv4", "vgg11", "resnet20"])
+def test_budget_is_met(small, name):
+    request = psap_request(name, small, fraction=0.25, metric="params")
+    dense = surgery.count(request.model, request.example_inputs)
+    plan = make_plan("psap", request)
+    pruned = surgery.pruned_copy(request.model, plan, request.example_inputs)
+    kept = surgery.count(pruned, request.example_inputs).fraction_of(dense)["params"]
+    assert abs(kept - 0.25) <= 0.01
+    report = request.report["psap"]
+    assert len(report["steps"]) == 2 and len(report["restored_per_step"]) == 2
+    assert report["steps"][0]["target"] == pytest.approx(0.625)
