@@ -1,0 +1,222 @@
+"""FFR: feature flow regularization, then pruning by BN scale (our reading of the seed paper;
+its full text was not available).
+
+The *flow* is the sequence of feature maps x_1 .. x_L that the model's ``nn.ReLU``
+modules output, in the order they run during one forward pass (a module called twice,
+as in a ResNet block, gives two points). Forward hooks collect them in the training pass
+itself: no second forward.
+
+Shapes are matched by a fixed, parameter-free projection, as ResNet's option-A shortcuts
+do: spatial sizes are average-pooled down to the smallest of the maps compared, and
+channels are zero-padded up to the largest. Flat features (N, C) count as C x 1 x 1.
+With ``rms(d) = ||d||_2 / sqrt(numel(d))`` per image (so that layers of different size
+weigh alike), averaged over the batch:
+
+    length    = sum_l rms(x_{l+1} - x_l)
+    curvature = sum_l rms(x_{l+1} - 2 x_l + x_{l-1})
+
+The loss adds ``w_len * length + w_curv * curvature``, both weights ramped linearly from 0
+over ``--ffr-warmup`` epochs; the two terms are logged apart in the run's history.
+
+Pruning: after ``--ffr-epochs`` of regularised training (from the random initialisation
+with ``--from-scratch``, or fine-tuning the dense model), each channel scores its
+BatchNorm scale |gamma| (mean over the group's BatchNorms; ``--ffr-score norm`` or a group
+without BatchNorm uses the filter's L2 norm). One global threshold over all groups sets the
+widths; the shared solver then meets the budget exactly from the widths that threshold gives.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..budget import CostModel, allowed_widths, solve_widths
+from ..errors import CompressorError
+from ..plan import PruningPlan
+from ..surgery import PRUNABLE_TYPES, Graph
+from ..train import TrainConfig, TrainHooks, evaluate, fit
+from . import PlanRequest, register
+
+_BN = nn.modules.batchnorm._BatchNorm
+NEAR_ZERO = 1e-2  # of the layer's largest score: the issue's measure of structured sparsity
+
+
+def _as_maps(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dim() == 4 else x.reshape(x.shape[0], -1, 1, 1)
+
+
+def match(*features: torch.Tensor) -> list[torch.Tensor]:
+    """Bring feature maps to one shape: average-pool to the smallest H and W, zero-pad to the most channels.
+
+    (``flow_terms`` computes the same thing without materialising the padding.)
+    """
+    maps = [_as_maps(f) for f in features]
+    h, w = min(m.shape[2] for m in maps), min(m.shape[3] for m in maps)
+    c = max(m.shape[1] for m in maps)
+    return [F.pad(_pool(m, h, w), (0, 0, 0, 0, 0, c - m.shape[1])) for m in maps]
+
+
+def _pool(m: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return m if m.shape[2:] == (h, w) else F.adaptive_avg_pool2d(m, (h, w))
+
+
+def _combination_rms(parts: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """rms of sum(coef * map) over zero-padded channels, block by block instead of padding; batch mean.
+
+    Maps are split once into channel blocks (``torch.split``: its backward is one
+    concatenation, where slicing would build a zero-filled gradient per slice).
+    """
+    bounds = sorted({m.shape[1] for _, m in parts})
+    sizes = [hi - lo for lo, hi in zip([0] + bounds, bounds)]
+    blocks = [(coef, torch.split(m, sizes[:bounds.index(m.shape[1]) + 1], dim=1)) for coef, m in parts]
+    squares = 0
+    for b in range(len(bounds)):
+        block = None
+        for coef, pieces in blocks:
+            if b < len(pieces):
+                piece = pieces[b] if coef == 1 else coef * pieces[b]
+                block = piece if block is None else block + piece
+        squares = squares + block.float().flatten(1).square().sum(1)
+    numel = bounds[-1] * parts[0][1].shape[2] * parts[0][1].shape[3]
+    return (squares / numel).clamp_min(1e-24).sqrt().mean()  # the clamp keeps the gradient finite at 0
+
+
+def flow_terms(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(length, curvature) of a feature trajectory, as defined in the module docstring."""
+    maps = [_as_maps(f) for f in features]
+    pooled: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def at(i, h, w):  # each map is pooled to each size once
+        if (i, h, w) not in pooled:
+            pooled[(i, h, w)] = _pool(maps[i], h, w)
+        return pooled[(i, h, w)]
+
+    def term(idx, coefs):
+        h, w = min(maps[i].shape[2] for i in idx), min(maps[i].shape[3] for i in idx)
+        return _combination_rms([(c, at(i, h, w)) for c, i in zip(coefs, idx)])
+
+    zero = torch.zeros((), device=maps[0].device) if maps else torch.zeros(())
+    length = sum((term((i, i + 1), (1, -1)) for i in range(len(maps) - 1)), zero)
+    curvature = sum((term((i, i + 1, i + 2), (1, -2, 1)) for i in range(len(maps) - 2)), zero)
+    return length, curvature
+
+
+class FlowRecorder:
+    """Collects the ReLU outputs of each training forward pass."""
+
+    def __init__(self, model: nn.Module):
+        relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+        if len(relus) == 0:
+            raise CompressorError(f"ffr follows the feature flow through nn.ReLU modules; {type(model).__name__} has none")
+        self.features: list[torch.Tensor] = []
+        self.handles = [model.register_forward_pre_hook(lambda *_: self.features.clear())]
+        self.handles += [m.register_forward_hook(self._keep) for m in relus]
+
+    def _keep(self, module, _inputs, output):
+        if module.training:
+            self.features.append(output)
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def penalty(recorder: FlowRecorder, length_weight: float, curvature_weight: float, warmup: float):
+    """The TrainHooks penalty: weighted terms, ramped over the first ``warmup`` share of training."""
+
+    def terms(progress: float) -> dict[str, torch.Tensor]:
+        ramp = min(1.0, progress / warmup) if warmup > 0 else 1.0
+        length, curvature = flow_terms(recorder.features)
+        recorder.features = []
+        return {"ffr_length": ramp * length_weight * length, "ffr_curvature": ramp * curvature_weight * curvature}
+
+    return terms
+
+
+@contextlib.contextmanager
+def regularised(model: nn.Module, length_weight: float, curvature_weight: float, warmup: float):
+    recorder = FlowRecorder(model)
+    try:
+        yield TrainHooks(penalty=penalty(recorder, length_weight, curvature_weight, warmup))
+    finally:
+        recorder.close()
+
+
+def channel_scores(graph: Graph, score: str = "bn") -> dict[str, torch.Tensor]:
+    """Per group: mean |gamma| over its BatchNorms, or (``norm``, or no BatchNorm) the filters' L2 norm."""
+    scores = {}
+    for group in graph.groups:
+        members = [graph.module(n) for n, side in group.members if side == "out"]
+        bns = [m for m in members if isinstance(m, _BN) and m.weight is not None]
+        if score == "bn" and bns:
+            scores[group.name] = torch.stack([m.weight.detach().abs().float().cpu() for m in bns]).mean(0)
+        else:
+            sq = sum(m.weight.detach().float().pow(2).flatten(1).sum(1).cpu() for m in members
+                     if isinstance(m, PRUNABLE_TYPES))
+            scores[group.name] = sq.sqrt()
+    return scores
+
+
+def near_zero_share(scores: dict[str, torch.Tensor], relative: float = NEAR_ZERO) -> dict[str, float]:
+    """Per group, and overall, the share of channels scoring below ``relative`` x the group's largest score."""
+    shares = {g: float((s < relative * s.max()).float().mean()) for g, s in scores.items()}
+    total = sum(s.numel() for s in scores.values())
+    shares["all"] = sum(shares[g] * scores[g].numel() for g in scores) / total
+    return shares
+
+
+def threshold_widths(graph: Graph, scores: dict[str, torch.Tensor], budget, round_to: int, max_ratio: float) -> dict[str, int]:
+    """Widths from one global score threshold, the largest threshold whose widths still meet the budget."""
+    cost = CostModel(graph)
+    choices = {g.name: allowed_widths(g.width, round_to, max_ratio) for g in graph.groups}
+
+    def widths_at(t):
+        found = {}
+        for name, s in scores.items():
+            need = int((s > t).sum())
+            found[name] = min([w for w in choices[name] if w >= need] or [max(choices[name])])
+        return found
+
+    candidates = torch.cat([s for s in scores.values()]).sort().values
+    lo, hi = 0, len(candidates) - 1  # widths shrink as the threshold index grows
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost.fractions(widths_at(candidates[mid]))[budget.metric] <= budget.fraction:
+            hi = mid
+        else:
+            lo = mid + 1
+    return widths_at(candidates[lo])
+
+
+@register("ffr")
+def ffr(request: PlanRequest) -> PruningPlan:
+    if request.data is None:
+        raise CompressorError("the ffr criterion trains with its penalty and needs data")
+    opts = request.options
+    epochs = int(opts.get("ffr_epochs", 5))
+    length_w, curvature_w = float(opts.get("ffr_length", 0.01)), float(opts.get("ffr_curvature", 0.01))
+    warmup, score = float(opts.get("ffr_warmup", 1.0)), opts.get("ffr_score", "bn")
+    if epochs < 0 or length_w < 0 or curvature_w < 0 or warmup < 0:
+        raise CompressorError("--ffr-epochs, --ffr-length, --ffr-curvature and --ffr-warmup must not be negative")
+    graph = request.traced()
+    history = []
+    if epochs:
+        config = TrainConfig(epochs, lr=float(opts.get("lr", 0.05)), seed=request.seed,
+                             schedule="onecycle" if opts.get("from_scratch") else "cosine")
+        with regularised(request.model, length_w, curvature_w, warmup / epochs) as hooks:
+            history = fit(request.model, request.data, config, request.device, desc="ffr", hooks=hooks)
+    scores = channel_scores(graph, score)
+    start = threshold_widths(graph, scores, request.budget, request.round_to, request.max_ratio)
+    ratios = {g: 1.0 - start[g] / graph.group(g).width for g in start}
+    widths = solve_widths(graph, request.budget, ratios, request.round_to, request.max_ratio).widths
+    report = {"epochs": epochs, "length_weight": length_w, "curvature_weight": curvature_w, "warmup_epochs": warmup,
+              "score": score, "history": history, "near_zero_share": near_zero_share(scores),
+              "scores": {g: s.tolist() for g, s in scores.items()}, "threshold_widths": start, "widths": widths}
+    if epochs and len(request.data.val_y):
+        report["val_accuracy"] = evaluate(request.model, request.data, "val", request.device)
+    if history:
+        report["seconds_per_epoch"] = sum(h["seconds"] for h in history) / len(history)
+    request.report["ffr"] = report
+    return PruningPlan.from_scores(scores, widths)
