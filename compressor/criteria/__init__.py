@@ -63,4 +63,4 @@ def make_plan(method: str, request: PlanRequest) -> PruningPlan:
     return _CRITERIA[method](request)
 
 
-from . import baselines, ffr, psap, sensitivity  # noqa: E402,F401  (fill the registry)
+from . import baselines, ffr, psap, sensitivity, smoea  # noqa: E402,F401  (fill the registry)

@@ -1,0 +1,289 @@
+"""SMOEA: sub-network multi-objective evolutionary filter pruning (our reading of the seed
+paper; its full text was not available).
+
+Blocks: the prunable groups, in model order, cut into runs of ``--group-size``
+consecutive groups; blocks are searched one at a time, the one whose layers hold the most
+parameters first.
+
+For a block, NSGA-II (``compressor.nsga``) searches binary keep-masks over all its
+filters: uniform or two-point crossover, bit-flip mutation (default rate 1 / filters),
+binary tournaments on rank and crowding. The initial population comes from L1 rankings:
+member i keeps the top share f_i of every group's filters by L1 norm, f_i spread evenly
+from 1 down to the share the budget allows. A group always keeps at least one filter.
+Objectives (both minimised): ``-accuracy`` (or the loss, ``--objective loss``) on the
+first ``--search-samples`` validation images, and the kept fraction of the budget's metric
+(parameters or MACs) of the whole model.
+
+Budget share: the reference allocation is the uniform one (every group pruned by the same
+ratio, as L1's). A candidate *meets its block's share* when the whole model, with earlier
+blocks as chosen, this block as the candidate and later blocks at the reference widths,
+keeps no more than the budget. From the final front the most accurate candidate that
+meets its share is chosen (or the most accurate feasible one of the population); filters
+of the block are then added back by L1 while the share still holds, so each block ends at
+its share and the last one at the budget. ``--round-to`` does not apply: widths are
+whatever the search keeps.
+
+Evaluation is the hot path (``compressor.subnet``): the activations at the block's input are
+computed once per validation batch, and each candidate runs only the rest of the network,
+with masks as channel multipliers. After each block the chosen filters are masked
+(zeroed, and held at zero while training) and the model is fine-tuned for
+``--step-epochs``; the pipeline's fine-tuning follows the last block.
+
+The state is saved after every generation (``smoea-state.pt``, with the weights at the
+start of the block in ``smoea-weights.pt``); ``--resume`` continues from it and, with the
+same seed, ends where an unbroken run ends. Fronts go to ``smoea-fronts.json`` and
+``smoea-fronts.png``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import masking, nsga
+from ..budget import CostModel, solve_widths
+from ..data import DeviceBatches
+from ..errors import CompressorError
+from ..files import atomic_path, write_json
+from ..plan import PruningPlan
+from ..subnet import Split
+from ..surgery import Graph
+from ..train import TrainConfig, autocast, fit
+from . import PlanRequest, register
+from .baselines import filter_l1
+
+STATE, WEIGHTS = "smoea-state.pt", "smoea-weights.pt"
+
+
+def blocks_by_size(graph: Graph, group_size: int) -> list[list[str]]:
+    """Runs of ``group_size`` consecutive groups, the ones holding the most parameters first."""
+    names = graph.names()
+    blocks = [names[i:i + group_size] for i in range(0, len(names), group_size)]
+
+    def size(block):
+        return sum(t.numel() for g in block for t in masking.channel_params(graph, graph.group(g)))
+
+    return sorted(blocks, key=size, reverse=True)  # stable: equal sizes keep model order
+
+
+class BlockEvaluator:
+    """Scores keep-masks of one block: prefix activations cached once, suffix per candidate."""
+
+    def __init__(self, graph: Graph, block: list[str], data, device, samples: int, metric: str,
+                 objective: str, fixed_widths: dict[str, int], cost: CostModel, batch_size: int = 512):
+        self.graph, self.block, self.device = graph, block, device
+        self.metric, self.objective, self.fixed, self.cost = metric, objective, fixed_widths, cost
+        self.sizes = [graph.group(g).width for g in block]
+        self.split = Split(graph, block)
+        subset = replace(data, val_x=data.val_x[:samples], val_y=data.val_y[:samples])
+        batches = DeviceBatches(subset, "val", batch_size, device, channels_last=device.type == "cuda")
+        graph.model.eval()
+        with torch.no_grad(), autocast(device):
+            self.cache = [(self.split.cut(x), y) for x, y in batches]
+        self.n = len(subset.val_y)
+        self.evaluations, self.seconds = 0, 0.0
+
+    def masks(self, genome: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.block, genome.split(self.sizes)))
+
+    def widths(self, genome: torch.Tensor) -> dict[str, int]:
+        return self.fixed | {g: int(m.sum()) for g, m in self.masks(genome).items()}
+
+    def kept(self, genome: torch.Tensor) -> float:
+        return self.cost.fractions(self.widths(genome))[self.metric]
+
+    @torch.no_grad()
+    def quality(self, genome: torch.Tensor) -> tuple[float, float]:
+        """(accuracy, mean loss) of the model with this block masked by ``genome``."""
+        gates = {g: m.to(self.device, torch.float32) for g, m in self.masks(genome).items()}
+        correct = torch.zeros((), device=self.device)
+        loss = torch.zeros((), device=self.device)
+        for cut, y in self.cache:
+            with autocast(self.device):
+                logits = self.split.run(cut, gates)
+            correct += (logits.argmax(1) == y).sum()
+            loss += F.cross_entropy(logits.float(), y, reduction="sum")
+        return correct.item() / self.n, loss.item() / self.n
+
+    def __call__(self, genomes: list[torch.Tensor]) -> list[nsga.Point]:
+        start = time.perf_counter()
+        points = []
+        for genome in genomes:
+            accuracy, loss = self.quality(genome)
+            points.append((-accuracy if self.objective == "accuracy" else loss, self.kept(genome)))
+        self.evaluations += len(genomes)
+        self.seconds += time.perf_counter() - start
+        return points
+
+
+def _seed_population(scores: list[torch.Tensor], size: int, lowest: float) -> list[torch.Tensor]:
+    """Member i keeps the top share f_i of each group by L1, f_i evenly from 1 down to ``lowest``."""
+    population = []
+    for i in range(size):
+        share = 1.0 - (1.0 - lowest) * i / max(size - 1, 1)
+        parts = []
+        for s in scores:
+            keep = torch.zeros(s.numel(), dtype=torch.bool)
+            keep[torch.topk(s, max(1, round(share * s.numel()))).indices] = True
+            parts.append(keep)
+        population.append(torch.cat(parts))
+    return population
+
+
+def _repair_factory(sizes: list[int], scores: list[torch.Tensor]):
+    best = [int(s.argmax()) for s in scores]
+
+    def repair(genome: torch.Tensor) -> torch.Tensor:
+        parts = list(genome.clone().split(sizes))
+        for part, b in zip(parts, best):
+            if not part.any():
+                part[b] = True
+        return torch.cat(parts)
+
+    return repair
+
+
+def _fit_share(genome: torch.Tensor, evaluator: BlockEvaluator, scores: torch.Tensor, share: float) -> torch.Tensor:
+    """Drop the lowest-L1 filters until the share holds, then add the best dropped ones while it still holds."""
+    genome = genome.clone()
+    repair = _repair_factory(evaluator.sizes, list(scores.split(evaluator.sizes)))
+    for i in torch.argsort(scores).tolist():  # lowest first
+        if evaluator.kept(genome) <= share:
+            break
+        trial = genome.clone()
+        trial[i] = False
+        if torch.equal(repair(trial), trial):
+            genome = trial
+    for i in torch.argsort(scores, descending=True).tolist():  # best first
+        if not genome[i]:
+            genome[i] = True
+            if evaluator.kept(genome) > share:
+                genome[i] = False
+    return genome
+
+
+def _save_state(out: Path | None, state: dict) -> None:
+    if out is not None:
+        with atomic_path(out / STATE) as tmp:
+            torch.save(state, tmp)
+
+
+@register("smoea")
+def smoea(request: PlanRequest) -> PruningPlan:
+    if request.data is None or len(request.data.val_y) == 0:
+        raise CompressorError("the smoea criterion scores candidates on a validation split (--val-fraction > 0)")
+    opts = request.options
+    population, generations = int(opts.get("population", 32)), int(opts.get("generations", 30))
+    group_size, samples = int(opts.get("group_size", 1)), int(opts.get("search_samples", 2048))
+    objective, kind = opts.get("objective", "accuracy"), opts.get("crossover", "uniform")
+    if population < 4 or generations < 0 or group_size < 1 or samples < 1:
+        raise CompressorError("smoea needs --population >= 4, --generations >= 0, --group-size >= 1, --search-samples >= 1")
+    graph, model, budget, device = request.traced(), request.model, request.budget, request.device
+    out = Path(request.out_dir) if request.out_dir is not None else None
+    settings = {"population": population, "generations": generations, "group_size": group_size, "seed": request.seed,
+                "samples": samples, "objective": objective, "crossover": kind, "budget": [budget.metric, budget.fraction],
+                "mutation": opts.get("mutation")}
+    cost = CostModel(graph)
+    reference = solve_widths(graph, budget, None, 1, request.max_ratio).widths
+    blocks = blocks_by_size(graph, group_size)
+    masks = masking.full_masks(graph)
+    saved = {"block": 0, "masks": masks, "fronts": [], "search": None, "settings": settings}
+    if opts.get("resume"):
+        if out is None or not (out / STATE).is_file():
+            raise CompressorError(f"--resume found no smoea state to continue in {out}")
+        saved = torch.load(out / STATE, weights_only=True)
+        if saved["settings"] != settings:
+            raise CompressorError(f"--resume with other settings than the interrupted run: {saved['settings']} "
+                                  f"vs {settings}")
+        model.load_state_dict(torch.load(out / WEIGHTS, weights_only=True))
+        masks = saved["masks"]
+        print(f"smoea: resuming at block {saved['block'] + 1}/{len(blocks)}")
+    fronts, evaluations, eval_seconds = saved["fronts"], 0, 0.0
+    for b in range(saved["block"], len(blocks)):
+        block = blocks[b]
+        if saved["search"] is None and out is not None:  # weights at the start of the block, for --resume
+            with atomic_path(out / WEIGHTS) as tmp:
+                torch.save(model.state_dict(), tmp)
+        chosen = {g: int(m.sum()) for g, m in masks.items()}
+        fixed = reference | {g: chosen[g] for blk in blocks[:b] for g in blk}
+        evaluator = BlockEvaluator(graph, block, request.data, device, samples, budget.metric, objective, fixed, cost)
+        l1 = filter_l1(graph, [graph.group(g) for g in block])
+        scores = torch.cat([l1[g] for g in block])
+        repair = _repair_factory(evaluator.sizes, [l1[g] for g in block])
+        lowest = min(reference[g] / graph.group(g).width for g in block)
+        g = torch.Generator().manual_seed(request.seed * 1000 + b)
+        state = nsga.SearchState.from_dict(saved["search"]) if saved["search"] is not None else None
+
+        def on_generation(s, b=b):
+            _save_state(out, {"block": b, "masks": masks, "fronts": fronts, "search": s.to_dict(), "settings": settings})
+            if opts.get("on_generation") is not None:  # tests interrupt here
+                opts["on_generation"](b, s)
+
+        started = time.perf_counter()
+        result = nsga.search(evaluator, _seed_population([l1[n] for n in block], population, lowest), generations, g,
+                             kind, opts.get("mutation"), repair, state=state,
+                             reference=(0.0, 1.0001) if objective == "accuracy" else None,
+                             on_generation=on_generation)
+        saved["search"] = None
+        front = nsga.non_dominated_sort(result.objectives)[0]
+        feasible = [i for i in front if result.objectives[i][1] <= budget.fraction] or \
+                   [i for i in range(len(result.objectives)) if result.objectives[i][1] <= budget.fraction]
+        pick = min(feasible, key=lambda i: result.objectives[i]) if feasible else 0
+        genome = _fit_share(result.population[pick], evaluator, scores, budget.fraction)
+        accuracy, loss = evaluator.quality(genome)
+        for name, m in evaluator.masks(genome).items():
+            masks[name] = m.clone()
+        masking.zero_masked(graph, masks)
+        evaluations += evaluator.evaluations
+        eval_seconds += evaluator.seconds
+        fronts.append({"block": block, "objective": objective, "front": [{"objective": result.objectives[i][0], "kept": result.objectives[i][1],
+                                                  "widths": {n: int(m.sum()) for n, m in
+                                                             evaluator.masks(result.population[i]).items()}}
+                                                 for i in sorted(front, key=lambda i: result.objectives[i][1])],
+                       "chosen": {"accuracy": accuracy, "loss": loss, "kept": evaluator.kept(genome),
+                                  "widths": {n: int(m.sum()) for n, m in evaluator.masks(genome).items()}},
+                       "history": result.history, "evaluations": evaluator.evaluations,
+                       "seconds": time.perf_counter() - started,
+                       "candidates_per_second": evaluator.evaluations / max(evaluator.seconds, 1e-9)})
+        print(f"smoea block {b + 1}/{len(blocks)} {block}: {evaluator.evaluations} candidates in "
+              f"{evaluator.seconds:.1f}s ({fronts[-1]['candidates_per_second']:.1f}/s); chosen val accuracy "
+              f"{accuracy:.2%}, {evaluator.kept(genome):.3f} of {budget.metric}")
+        del evaluator
+        if b < len(blocks) - 1 and int(opts.get("step_epochs") or 1) > 0:
+            fit(model, request.data, TrainConfig(int(opts.get("step_epochs") or 1), lr=float(opts.get("lr", 0.01)),
+                                                 schedule="cosine", seed=request.seed + b),
+                device, desc=f"smoea block {b + 1}", hooks=masking.hooks(graph, masks))
+        _save_state(out, {"block": b + 1, "masks": masks, "fronts": fronts, "search": None, "settings": settings})
+    request.report["smoea"] = {"blocks": [f["block"] for f in fronts], "fronts": fronts, "settings": settings,
+                               "evaluations": sum(f["evaluations"] for f in fronts),
+                               "search_seconds": sum(f["seconds"] for f in fronts),
+                               "candidates_per_second": evaluations / max(eval_seconds, 1e-9) if evaluations else None}
+    if out is not None:
+        write_fronts(fronts, out)
+    return masking.to_plan(masks)
+
+
+def write_fronts(fronts: list[dict], out: Path) -> None:
+    """smoea-fronts.json, and smoea-fronts.png: the final front of each block, chosen points marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    write_json(out / "smoea-fronts.json", fronts)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for f in fronts:
+        pts = [(p["kept"], -p["objective"]) for p in f["front"]]  # accuracy, or -loss
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=", ".join(f["block"]))
+        chosen = f["chosen"]["accuracy"] if f["objective"] == "accuracy" else -f["chosen"]["loss"]
+        ax.plot([f["chosen"]["kept"]], [chosen], marker="*", ms=12, color=line.get_color())
+    ax.set(xlabel="kept fraction of the whole model (later blocks at the reference widths)",
+           ylabel="validation accuracy (or -loss)", title="SMOEA: final front per block (star: chosen)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out / "smoea-fronts.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

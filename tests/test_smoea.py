@@ -1,0 +1,119 @@
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from compressor import data as datasets, masking, models, nsga, surgery
+from compressor.budget import Budget, CostModel
+from compressor.criteria import PlanRequest, make_plan
+from compressor.criteria.smoea import BlockEvaluator, blocks_by_size
+from compressor.train import accuracy
+from compressor.data import DeviceBatches
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def small():
+    return datasets.from_tensors("small", *datasets.synthetic(n_train=256, n_test=64), val_fraction=0.25)
+
+
+def test_non_dominated_sort_and_crowding_on_known_points():
+    points = [(1, 5), (2, 3), (4, 1), (3, 4), (5, 5), (2, 6), (6, 6)]
+    assert nsga.non_dominated_sort(points) == [[0, 1, 2], [3, 5], [4], [6]]
+    crowd = nsga.crowding_distance(points, [0, 1, 2])
+    # f1 spans 1..4, f2 spans 1..5: the middle point gets (4-1)/3 + (5-1)/4 = 2
+    assert crowd[0] == crowd[2] == float("inf") and crowd[1] == pytest.approx(2.0)
+    crowd = nsga.crowding_distance([(0, 4), (1, 2), (3, 1), (4, 0)], [0, 1, 2, 3])
+    assert crowd[1] == pytest.approx(3 / 4 + 3 / 4) and crowd[2] == pytest.approx(3 / 4 + 2 / 4)
+    assert nsga.select(points, 4) == [0, 1, 2, 3] or sorted(nsga.select(points, 4))[:3] == [0, 1, 2]
+    assert nsga.hypervolume_2d([(1, 3), (2, 1)], (4, 4)) == pytest.approx(3 * 1 + 2 * 2)
+
+
+def test_hypervolume_never_falls_on_a_toy_problem():
+    weights = torch.tensor([3.0, 1.0, 4.0, 1.5, 5.0, 9.0, 2.0, 6.0, 5.5, 3.5])
+
+    def evaluate(genomes):  # maximise the weight kept, minimise the bits kept
+        return [(-float(weights[x].sum()), float(x.sum())) for x in genomes]
+
+    g = torch.Generator().manual_seed(0)
+    initial = [torch.rand(10, generator=g) < 0.5 for _ in range(16)]
+    state = nsga.search(evaluate, initial, 25, g, reference=(0.0, 11.0))
+    volumes = [h["hypervolume"] for h in state.history]
+    assert all(b >= a - 1e-9 for a, b in zip(volumes, volumes[1:]))
+    assert volumes[-1] > volumes[0]  # it did improve: the test can fail
+    front = [state.objectives[i] for i in nsga.non_dominated_sort(state.objectives)[0]]
+    best_three = -float(weights.topk(3).values.sum())
+    assert (best_three, 3.0) in front
+
+
+@pytest.mark.parametrize("name", ["conv4", "resnet20"])
+def test_suffix_evaluation_equals_full_model(small, name):
+    torch.manual_seed(0)
+    model = models.create(name, 10, 3).eval()
+    x = small.example_inputs()
+    graph = surgery.trace(model, x)
+    block = blocks_by_size(graph, 2)[0]
+    evaluator = BlockEvaluator(graph, block, small, CPU, 48, "params", "accuracy", graph.widths(), CostModel(graph),
+                               batch_size=16)
+    genome = torch.rand(sum(evaluator.sizes), generator=torch.Generator().manual_seed(1)) < 0.6
+    acc, loss = evaluator.quality(genome)
+    full = copy.deepcopy(model)
+    masks = masking.full_masks(graph) | evaluator.masks(genome)
+    masking.zero_masked(surgery.trace(full, x), masks)
+    subset = replace(small, val_x=small.val_x[:48], val_y=small.val_y[:48])  # the images the evaluator scores
+    assert acc == accuracy(full, DeviceBatches(subset, "val", 16, CPU), CPU)
+    cut, _ = evaluator.cache[0]
+    gates = {g: m.float() for g, m in evaluator.masks(genome).items()}
+    xs = DeviceBatches(subset, "val", 16, CPU).__iter__().__next__()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(evaluator.split.run(cut, gates), full(xs), rtol=1e-4, atol=1e-5)
+    pruned = surgery.pruned_copy(full, masking.to_plan(masks), x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(xs), full(xs), rtol=1e-4, atol=1e-5)
+
+
+def _request(name, data, out, fraction=0.25, **options):
+    torch.manual_seed(0)
+    model = models.create(name, 10, 3)
+    settings = {"population": 6, "generations": 3, "group_size": 2, "search_samples": 32, "step_epochs": 1} | options
+    return PlanRequest(model, data.example_inputs(), Budget("params", fraction), data=data, options=settings,
+                       out_dir=out)
+
+
+def test_resume_gives_the_same_result(small, tmp_path):
+    whole = _request("conv4", small, tmp_path / "a")
+    (tmp_path / "a").mkdir()
+    plan = make_plan("smoea", whole)
+
+    class Stop(Exception):
+        pass
+
+    def stop(block, state):
+        if block == 1 and state.generation == 2:
+            raise Stop
+
+    (tmp_path / "b").mkdir()
+    broken = _request("conv4", small, tmp_path / "b", on_generation=stop)
+    with pytest.raises(Stop):
+        make_plan("smoea", broken)
+    resumed = _request("conv4", small, tmp_path / "b", resume=True)  # a fresh dense model, as the pipeline loads
+    assert make_plan("smoea", resumed).keep == plan.keep
+    assert resumed.report["smoea"]["fronts"] == whole.report["smoea"]["fronts"] or \
+        [f["front"] for f in resumed.report["smoea"]["fronts"]] == [f["front"] for f in whole.report["smoea"]["fronts"]]
+    for a, b in zip(resumed.model.state_dict().values(), whole.model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert (tmp_path / "a" / "smoea-fronts.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("name", ["conv4", "vgg11", "resnet20"])
+def test_budget_is_met(small, name, tmp_path):
+    request = _request(name, small, None, generations=1, group_size=3)
+    dense = surgery.count(request.model, request.example_inputs)
+    plan = make_plan("smoea", request)
+    kept = surgery.count(surgery.pruned_copy(request.model, plan, request.example_inputs),
+                         request.example_inputs).fraction_of(dense)["params"]
+    assert abs(kept - 0.25) <= 0.01
+    report = request.report["smoea"]
+    assert report["evaluations"] > 0 and report["candidates_per_second"] > 0
