@@ -28,20 +28,6 @@ def channel_params(graph: Graph, group: Group) -> list[torch.Tensor]:
     return params
 
 
-def shift_params(graph: Graph, group: Group) -> list[torch.Tensor]:
-    """Per-channel shifts (BatchNorm biases, else conv/linear biases, else the weights).
-
-    Their gradient stays informative for a masked channel: with its BatchNorm scale at
-    zero, the conv rows and the scale get no gradient, but the shift still does.
-    """
-    members = [graph.module(n) for n, side in group.members if side == "out"]
-    for kinds in ((_BN,), PRUNABLE_TYPES):
-        shifts = [m.bias for m in members if isinstance(m, kinds) and m.bias is not None]
-        if shifts:
-            return shifts
-    return [m.weight for m in members if isinstance(m, PRUNABLE_TYPES)]
-
-
 def full_masks(graph: Graph) -> dict[str, torch.Tensor]:
     return {g.name: torch.ones(g.width, dtype=torch.bool) for g in graph.groups}
 

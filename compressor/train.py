@@ -94,7 +94,7 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
         lr=config.lr, momentum=config.momentum, nesterov=True,
     )
     total = config.epochs * len(batches)
-    if config.schedule == "onecycle":
+    if config.schedule == "onecycle" and total >= 8:  # OneCycleLR divides by its phase lengths: too few steps fail
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total, pct_start=0.25)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))

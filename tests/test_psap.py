@@ -4,7 +4,7 @@ import torch
 from compressor import data as datasets, masking, models, surgery
 from compressor.budget import Budget, CostModel
 from compressor.criteria import PlanRequest, make_plan
-from compressor.criteria.psap import protect, sparsity
+from compressor.criteria.psap import GradientWatch, protect, sparsity
 from compressor.train import TrainConfig, fit
 
 CPU = torch.device("cpu")
@@ -104,3 +104,24 @@ def test_budget_is_met(small, name):
     report = request.report["psap"]
     assert len(report["steps"]) == 2 and len(report["restored_per_step"]) == 2
     assert report["steps"][0]["target"] == pytest.approx(0.625)
+
+
+def test_watched_gradient_of_a_masked_filter_drives_its_restoration(small):
+    torch.manual_seed(0)
+    model = models.create("conv4", 10, 3)
+    graph = surgery.trace(model, small.example_inputs())
+    first, second = graph.groups[0], graph.groups[1]
+    masks = masking.full_masks(graph)
+    masks[first.name][:8] = False
+    masking.zero_masked(graph, masks)
+    with torch.no_grad():  # the next layer leans hard on masked channel 3: the loss wants it back
+        graph.module(second.name).weight[:, 3] *= 50
+    watch = GradientWatch(graph)
+    fit(model, small, TrainConfig(epochs=1, lr=0.01, batch_size=64), CPU, hooks=masking.hooks(graph, masks))
+    watch.close()
+    grads = watch.mean()[first.name]
+    assert (grads[:8] > 0).all()  # masked channels still get a gradient at their consumers' inputs
+    assert int(torch.argmax(grads)) == 3
+    new, swaps = protect(masks, watch.mean(), {g: torch.rand(m.numel()) for g, m in masks.items()})
+    assert swaps[first.name][0][0] == 3 and new[first.name][3]  # the one that stands out most comes back first
+    assert masking.widths(new) == masking.widths(masks)

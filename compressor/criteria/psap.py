@@ -11,9 +11,9 @@ by ``--max-ratio``. Inside a group, filters go by L1 norm.
 
 Masks, not surgery, during the loop (see ``compressor.masking``): masked filters are
 zeroed and held at zero through every optimizer step, and their gradients are still
-computed. The watched gradient of a channel is the mean absolute gradient of its shift
-(BatchNorm bias; see ``masking.shift_params``) over the step's training: the conv rows of
-a masked filter get no gradient once its BatchNorm scale is zero, the shift does.
+computed. The watched gradient of a channel is the mean |dL/dx| of its activation where
+the next layers read it, over the step's training (see ``GradientWatch``: a masked
+filter's own weights get no gradient, since ReLU passes none at zero).
 
 Protective reconstruction: after each step's training except the last, a masked channel
 whose watched gradient exceeds ``mean + protect_z * std`` of the kept channels of its
@@ -32,7 +32,7 @@ from ..budget import Budget, solve_widths
 from ..errors import CompressorError
 from ..plan import PruningPlan
 from ..surgery import PRUNABLE_TYPES, Graph
-from ..train import TrainConfig, TrainHooks, fit
+from ..train import TrainConfig, fit
 from .. import masking
 from . import PlanRequest, register
 from .baselines import filter_l1
@@ -59,24 +59,43 @@ def sparsity(graph: Graph, masks: dict[str, torch.Tensor], threshold: float = TH
 
 
 class GradientWatch:
-    """Mean |gradient| of each channel's shift over the training steps seen (``masking.shift_params``)."""
+    """Mean |dL/dx| of each channel where the next layers read it, over the training steps seen.
+
+    A masked channel outputs exactly zero and ReLU passes no gradient at zero, so its own
+    weights and shifts get none; the gradient at its consumers' inputs still says how much
+    the loss wants the channel back, and it is the same quantity for kept channels.
+    Consumers whose input is not the group's channels alone (a concatenation) are skipped.
+    """
 
     def __init__(self, graph: Graph):
-        self.shifts = {g.name: masking.shift_params(graph, g) for g in graph.groups}
-        self.sums = {name: 0.0 for name in self.shifts}
-        self.steps = 0
+        self.sums = {g.name: torch.zeros(g.width) for g in graph.groups}
+        self.steps = {g.name: 0 for g in graph.groups}
+        self.handles = []
+        for group in graph.groups:
+            for name, side in group.members:
+                module = graph.module(name)
+                if side == "in" and isinstance(module, PRUNABLE_TYPES):
+                    self.handles.append(module.register_forward_pre_hook(self._watch(group.name, group.width)))
 
-    def record(self):
-        for name, params in self.shifts.items():
-            total = 0.0
-            for t in params:
-                if t.grad is not None:
-                    total = total + t.grad.detach().abs().float().reshape(t.shape[0], -1).mean(1)
-            self.sums[name] = self.sums[name] + total
-        self.steps += 1
+    def _watch(self, group: str, width: int):
+        def pre(_module, args):
+            x = args[0]
+            if torch.is_grad_enabled() and x.requires_grad and x.dim() >= 2 and x.shape[1] == width:
+                x.register_hook(lambda grad: self._add(group, grad))
+
+        return pre
+
+    def _add(self, group: str, grad: torch.Tensor):
+        dims = [0] + list(range(2, grad.dim()))
+        self.sums[group] = self.sums[group].to(grad.device) + grad.detach().abs().float().mean(dims)
+        self.steps[group] += 1
 
     def mean(self) -> dict[str, torch.Tensor]:
-        return {n: torch.as_tensor(s).cpu() / max(self.steps, 1) for n, s in self.sums.items()}
+        return {n: s.cpu() / max(self.steps[n], 1) for n, s in self.sums.items()}
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
 
 
 def protect(masks: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], importance: dict[str, torch.Tensor],
@@ -158,16 +177,11 @@ def psap(request: PlanRequest) -> PruningPlan:
         record.update({"target": target, "sparsity": found, "ratios": {n: 1 - widths[n] / graph.group(n).width
                                                                         for n in widths}, "widths": widths})
         watch = GradientWatch(graph)
-        keep_zero = masking.hooks(graph, masks)
-
-        def after_backward(watch=watch, keep_zero=keep_zero):
-            watch.record()
-            keep_zero.after_backward()
-
-        history = fit(model, request.data, TrainConfig(step_epochs, lr=lr, schedule="cosine",
-                                                       seed=request.seed + step),
-                      request.device, desc=f"psap step {step}/{steps}",
-                      hooks=TrainHooks(after_backward=after_backward, after_step=keep_zero.after_step))
+        try:
+            history = fit(model, request.data, TrainConfig(step_epochs, lr=lr, schedule="cosine", seed=request.seed + step),
+                          request.device, desc=f"psap step {step}/{steps}", hooks=masking.hooks(graph, masks))
+        finally:
+            watch.close()
         record["history"] = history
         records.append(record)
         print(f"psap step {step}/{steps}: target {target:.3f} of {budget.metric}, "
