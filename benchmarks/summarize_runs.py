@@ -9,15 +9,14 @@ from pathlib import Path
 
 
 def total_epochs(m: dict) -> int:
-    """Every epoch of training the result saw: dense (including the checkpoint's), criterion, fine-tuning."""
+    """Every epoch of training the result saw: dense (including the checkpoint's), the criterion's, fine-tuning."""
     epochs = m["config"]["epochs"] + m["config"]["finetune_epochs"]
     if m["config"]["checkpoint"]:
         epochs += len(json.loads(Path(m["config"]["checkpoint"]).with_name("metrics.json").read_text())
                       ["history"]["train"])
-    for name, report in m["criterion"].items():
-        for step in report.get("steps", []) if isinstance(report, dict) else []:
-            epochs += len(step.get("history", [])) if isinstance(step, dict) else 0
-        epochs += len(report.get("history", [])) if isinstance(report, dict) else 0
+    for r in m["criterion"].values():  # runs recorded before "train_epochs" existed: count the step histories
+        epochs += r.get("train_epochs", sum(len(s.get("history", [])) for s in r.get("steps", [])
+                                            if isinstance(s, dict)) + len(r.get("history", [])))
     return epochs
 
 
@@ -31,8 +30,18 @@ def row(run: str) -> dict:
             "acc_dense": m["accuracy"]["dense"]["test"], "acc_pruned": m["accuracy"]["pruned"]["test"],
             "acc_finetuned": m["accuracy"]["finetuned"]["test"],
             "restored_per_step": crit.get("restored_per_step"), "seconds": m["seconds"]["total"],
+            "search_seconds": crit.get("search_seconds"), "candidates_per_second": crit.get("candidates_per_second"),
             "command": " ".join(m["command"] or []), "commit": m["versions"]["commit"], "device": m["device"],
             "date": m["date"]}
+
+
+def notes(r: dict) -> str:
+    found = []
+    if r["restored_per_step"] is not None:
+        found.append(f"restored per step {r['restored_per_step']}")
+    if r["search_seconds"] is not None:
+        found.append(f"search {r['search_seconds']:.0f} s, {r['candidates_per_second']:.1f} candidates/s")
+    return "; ".join(found)
 
 
 def main(name: str, runs: list[str]) -> None:
@@ -40,11 +49,11 @@ def main(name: str, runs: list[str]) -> None:
     out = Path(__file__).parent / "results"
     (out / f"{name}.json").write_text(json.dumps({"runs": rows}, indent=2) + "\n")
     lines = ["| method | from scratch | budget | MACs kept | params kept | widths | total epochs | "
-             "test acc after pruning | after fine-tuning | restored per step |", "|---" * 10 + "|"]
+             "test acc after pruning | after fine-tuning | criterion notes |", "|---" * 10 + "|"]
     for r in rows:
         lines.append(f"| {r['method']} | {'yes' if r['from_scratch'] else 'no'} | {r['budget']} | {r['macs_kept']:.2%} | "
                      f"{r['params_kept']:.2%} | {list(r['widths'].values())} | {r['total_epochs']} | "
-                     f"{r['acc_pruned']:.2%} | {r['acc_finetuned']:.2%} | {r['restored_per_step'] or ''} |")
+                     f"{r['acc_pruned']:.2%} | {r['acc_finetuned']:.2%} | {notes(r)} |")
     lines += ["", "Commands (in row order):", ""] + [f"    {r['command']}" for r in rows]
     lines += ["", f"Device: {rows[0]['device']}; commit {rows[0]['commit']}; dates {rows[0]['date']} .. {rows[-1]['date']}."]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")

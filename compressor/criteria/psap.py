@@ -186,7 +186,7 @@ def psap(request: PlanRequest) -> PruningPlan:
         records.append(record)
         print(f"psap step {step}/{steps}: target {target:.3f} of {budget.metric}, "
               f"restored {record.get('restored_total', 0)}, widths {widths}")
-    request.report["psap"] = {"steps": records, "threshold": threshold, "protect_z": z, "lr": lr,
+    request.report["psap"] = {"steps": records, "train_epochs": steps * step_epochs, "threshold": threshold, "protect_z": z, "lr": lr,
                               "restored_per_step": [r.get("restored_total", 0) for r in records]}
     return masking.to_plan(masks)
 

@@ -202,6 +202,7 @@ def smoea(request: PlanRequest) -> PruningPlan:
         masks = saved["masks"]
         print(f"smoea: resuming at block {saved['block'] + 1}/{len(blocks)}")
     fronts, evaluations, eval_seconds = saved["fronts"], 0, 0.0
+    step_epochs = 1 if opts.get("step_epochs") is None else int(opts["step_epochs"])
     for b in range(saved["block"], len(blocks)):
         block = blocks[b]
         if saved["search"] is None and out is not None:  # weights at the start of the block, for --resume
@@ -252,12 +253,13 @@ def smoea(request: PlanRequest) -> PruningPlan:
               f"{evaluator.seconds:.1f}s ({fronts[-1]['candidates_per_second']:.1f}/s); chosen val accuracy "
               f"{accuracy:.2%}, {evaluator.kept(genome):.3f} of {budget.metric}")
         del evaluator
-        if b < len(blocks) - 1 and int(opts.get("step_epochs") or 1) > 0:
-            fit(model, request.data, TrainConfig(int(opts.get("step_epochs") or 1), lr=float(opts.get("lr", 0.01)),
+        if b < len(blocks) - 1 and step_epochs > 0:
+            fit(model, request.data, TrainConfig(step_epochs, lr=float(opts.get("lr", 0.01)),
                                                  schedule="cosine", seed=request.seed + b),
                 device, desc=f"smoea block {b + 1}", hooks=masking.hooks(graph, masks))
         _save_state(out, {"block": b + 1, "masks": masks, "fronts": fronts, "search": None, "settings": settings})
     request.report["smoea"] = {"blocks": [f["block"] for f in fronts], "fronts": fronts, "settings": settings,
+                               "train_epochs": (len(blocks) - 1) * step_epochs,
                                "evaluations": sum(f["evaluations"] for f in fronts),
                                "search_seconds": sum(f["seconds"] for f in fronts),
                                "candidates_per_second": evaluations / max(eval_seconds, 1e-9) if evaluations else None}
