@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # FFR on real MNIST, Conv-4: the structured-sparsity claim and accuracy after pruning.
 #   FFR:    5 epochs from random weights with the penalty, prune by BN scale, 3 fine-tuning epochs
-#   plain:  the same command with both penalty weights at 0 (same code path, same epochs)
+#   plain:  DENSE_CKPT, 5 epochs from random weights by the same training code with no penalty
+#           (same one-cycle schedule, rate and seed as FFR's regularised training)
 #   L1:     5 dense epochs (DENSE_CKPT) + L1 pruning + 3 fine-tuning epochs
-# at 25% and 10% of MACs (plain at 25% only), then the time overhead of the penalty per step.
+# at 25% and 10% of MACs, then the time overhead of the penalty per step.
 # Usage: benchmarks/mnist_ffr.sh DATA_DIR [DENSE_CKPT]
 # Writes benchmarks/results/mnist-conv4-ffr.{json,md,png} and mnist-conv4-ffr-overhead.json.
 set -euo pipefail
@@ -21,10 +22,7 @@ for budget in 0.25 0.1; do
     "${common[@]}"
   runs+=(runs/bench-ffr-mnist-conv4-l1-macs$budget)
 done
-compress run "${ffr[@]}" --ffr-length 0 --ffr-curvature 0 --budget-macs 0.25 \
-  --out runs/bench-ffr-mnist-conv4-plain-macs0.25 "${common[@]}"
-runs+=(runs/bench-ffr-mnist-conv4-plain-macs0.25)
 python benchmarks/summarize_runs.py mnist-conv4-ffr "${runs[@]}"
-python benchmarks/ffr_sparsity.py mnist-conv4-ffr runs/bench-ffr-mnist-conv4-plain-macs0.25 \
+python benchmarks/ffr_sparsity.py mnist-conv4-ffr "$dense" \
   runs/bench-ffr-mnist-conv4-ffr-macs0.25 runs/bench-ffr-mnist-conv4-ffr-macs0.1
 python benchmarks/ffr_overhead.py --model conv4 --shape 1,28,28 --batch-size 128 --out mnist-conv4-ffr-overhead

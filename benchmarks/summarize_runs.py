@@ -45,7 +45,10 @@ def notes(r: dict) -> str:
 
 
 def main(name: str, runs: list[str]) -> None:
-    rows = [row(r) for r in runs]
+    finished = [r for r in runs if (Path(r) / "metrics.json").is_file()]
+    for r in sorted(set(runs) - set(finished)):
+        print(f"skipped {r}: no metrics.json (the run did not finish)")
+    rows = [row(r) for r in finished]
     out = Path(__file__).parent / "results"
     (out / f"{name}.json").write_text(json.dumps({"runs": rows}, indent=2) + "\n")
     lines = ["| method | from scratch | budget | MACs kept | params kept | widths | total epochs | "

@@ -123,12 +123,32 @@ class FlowRecorder:
             h.remove()
 
 
-def penalty(recorder: FlowRecorder, length_weight: float, curvature_weight: float, warmup: float):
+def _compiled_flow_terms():
+    """flow_terms fused by torch.compile: in eager mode its dozens of small kernels per step cost
+    more than the VGG-16 step itself on an H100 (10 s vs 3.7 s per CIFAR-10 epoch)."""
+    compiled = torch.compile(flow_terms, dynamic=False)
+
+    def terms(features):
+        nonlocal compiled
+        if compiled is not flow_terms:
+            try:
+                return compiled(features)
+            except Exception as exc:  # noqa: BLE001 - a compiler failure costs speed, not the run
+                print(f"ffr: torch.compile of the penalty failed ({type(exc).__name__}: {exc}); running it eagerly")
+                compiled = flow_terms
+        return flow_terms(features)
+
+    return terms
+
+
+def penalty(recorder: FlowRecorder, length_weight: float, curvature_weight: float, warmup: float,
+            compiled: bool = False):
     """The TrainHooks penalty: weighted terms, ramped over the first ``warmup`` share of training."""
+    compute = _compiled_flow_terms() if compiled else flow_terms
 
     def terms(progress: float) -> dict[str, torch.Tensor]:
         ramp = min(1.0, progress / warmup) if warmup > 0 else 1.0
-        length, curvature = flow_terms(recorder.features)
+        length, curvature = compute(recorder.features)
         recorder.features = []
         return {"ffr_length": ramp * length_weight * length, "ffr_curvature": ramp * curvature_weight * curvature}
 
@@ -137,9 +157,11 @@ def penalty(recorder: FlowRecorder, length_weight: float, curvature_weight: floa
 
 @contextlib.contextmanager
 def regularised(model: nn.Module, length_weight: float, curvature_weight: float, warmup: float):
+    """Training hooks adding the penalty; on a GPU the penalty is compiled (CPU tests stay eager)."""
     recorder = FlowRecorder(model)
+    compiled = next(model.parameters()).is_cuda
     try:
-        yield TrainHooks(penalty=penalty(recorder, length_weight, curvature_weight, warmup))
+        yield TrainHooks(penalty=penalty(recorder, length_weight, curvature_weight, warmup, compiled))
     finally:
         recorder.close()
 
