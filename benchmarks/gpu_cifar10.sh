@@ -20,11 +20,11 @@ r=runs/gpu-cifar10
 if [ "$part" = vgg16 ]; then
   run 170 --model vgg16 --epochs 25 --method l1 --budget-params 0.1 --finetune-epochs 10 --out $r-vgg16-l1-params0.1
   dense=$r-vgg16-l1-params0.1/dense.pt
-  run 100 --checkpoint $dense --method psap --steps 5 --step-epochs 2 --finetune-epochs 0 --budget-params 0.1 \
+  run 90 --checkpoint $dense --method psap --steps 5 --step-epochs 2 --finetune-epochs 0 --budget-params 0.1 \
     --out $r-vgg16-psap-params0.1
-  timeout 60 python3 benchmarks/ffr_overhead.py --model vgg16 --shape 3,32,32 --batch-size 128 --out gpu-vgg16-ffr-overhead
+  timeout 45 python3 benchmarks/ffr_overhead.py --model vgg16 --shape 3,32,32 --batch-size 128 --out gpu-vgg16-ffr-overhead
   run 60 --checkpoint $dense --method l1 --budget-macs 0.25 --finetune-epochs 10 --out $r-vgg16-l1-macs0.25
-  run 230 --model vgg16 --from-scratch --method ffr --ffr-epochs 25 --budget-macs 0.25 --finetune-epochs 10 \
+  run 200 --model vgg16 --from-scratch --method ffr --ffr-epochs 25 --budget-macs 0.25 --finetune-epochs 10 \
     --out $r-vgg16-ffr-macs0.25
   python3 benchmarks/summarize_runs.py gpu-cifar10-vgg16 $r-vgg16-l1-params0.1 $r-vgg16-psap-params0.1 \
     $r-vgg16-l1-macs0.25 $r-vgg16-ffr-macs0.25
