@@ -4,8 +4,8 @@
 #          10% of parameters; the FFR penalty's step-time overhead; FFR (25 epochs from scratch with
 #          the penalty, 25% of MACs, 10 fine-tuning) vs L1 from the dense model (10 fine-tuning);
 #          BN-scale sparsity, FFR vs the dense model (the same training without the penalty).
-#   vgg14: dense VGG-14 (25 epochs); SMOEA (population 32, 20 generations, 1 fine-tuning epoch
-#          between blocks, 10 at the end) vs L1 (22 fine-tuning epochs) at 16.56% of parameters.
+#   vgg14: dense VGG-14 (15 epochs); SMOEA (population 32, 10 generations, 1 fine-tuning epoch
+#          between its 13 blocks, 10 at the end) vs L1 (22 fine-tuning epochs) at 16.56% of parameters.
 # Usage: benchmarks/gpu_cifar10.sh DATA_DIR vgg16|vgg14 RESULTS_DIR
 # Every step has its own time limit, so a slow one cannot take the others with it; the
 # summaries go to RESULTS_DIR (benchmarks/results/gpu-cifar10-PART.{json,md}, ...).
@@ -32,10 +32,11 @@ if [ "$part" = vgg16 ]; then
     $r-vgg16-ffr-macs0.25
   publish gpu-cifar10-vgg16; publish gpu-vgg16-ffr-overhead
 elif [ "$part" = vgg14 ]; then
-  run 170 --model vgg14 --epochs 25 --method l1 --budget-params 0.1656 --finetune-epochs 22 --out $r-vgg14-l1-params0.1656
-  run 330 --checkpoint $r-vgg14-l1-params0.1656/dense.pt --method smoea --population 32 --generations 20 \
+  run 150 --model vgg14 --epochs 15 --method l1 --budget-params 0.1656 --finetune-epochs 22 --out $r-vgg14-l1-params0.1656
+  run 220 --checkpoint $r-vgg14-l1-params0.1656/dense.pt --method smoea --population 32 --generations 10 \
     --step-epochs 1 --finetune-epochs 10 --budget-params 0.1656 --out $r-vgg14-smoea-params0.1656
   cp $r-vgg14-smoea-params0.1656/smoea-fronts.png benchmarks/results/gpu-cifar10-vgg14-smoea-fronts.png
+  cp $r-vgg14-smoea-params0.1656/smoea-fronts.json benchmarks/results/gpu-cifar10-vgg14-smoea-fronts.json
   python3 benchmarks/summarize_runs.py gpu-cifar10-vgg14 $r-vgg14-l1-params0.1656 $r-vgg14-smoea-params0.1656
   publish gpu-cifar10-vgg14
 fi
