@@ -241,6 +241,18 @@ def criterion_options(config: RunConfig) -> dict:
         raise CompressorError(f"--objective must be accuracy or loss, not {config.objective!r}")
     if config.ffr_score not in ("bn", "norm"):
         raise CompressorError(f"--ffr-score must be bn or norm, not {config.ffr_score!r}")
+    limits = [("--steps", config.steps, 1), ("--step-epochs", config.step_epochs, 0), ("--population", config.population, 4),
+              ("--generations", config.generations, 0), ("--group-size", config.group_size, 1),
+              ("--search-samples", config.search_samples, 1), ("--ffr-epochs", config.ffr_epochs, 0),
+              ("--ffr-length", config.ffr_length, 0), ("--ffr-curvature", config.ffr_curvature, 0),
+              ("--ffr-warmup", config.ffr_warmup, 0), ("--protect-z", config.protect_z, 0)]
+    for flag, value, least in limits:
+        if value is not None and value < least:
+            raise CompressorError(f"{flag} must be at least {least}, got {value}")
+    if not 0 < config.psap_threshold < 1:
+        raise CompressorError(f"--psap-threshold must lie in (0, 1), got {config.psap_threshold}")
+    if config.mutation is not None and not 0 <= config.mutation <= 1:
+        raise CompressorError(f"--mutation is a probability in [0, 1], got {config.mutation}")
     names = ("steps", "step_epochs", "from_scratch", "resume", "psap_threshold", "protect_z", "ffr_length",
              "ffr_curvature", "ffr_warmup", "ffr_epochs", "ffr_score", "group_size", "population", "generations",
              "crossover", "mutation", "objective", "search_samples")

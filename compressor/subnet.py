@@ -23,8 +23,6 @@ def _gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return x * gate.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
 
 
-torch.fx.wrap("_gate")
-
 
 class Split:
     """``prefix(x)`` -> cut tensors; ``suffix(*cut, *gates)`` -> logits, gates ordered as ``groups``."""
