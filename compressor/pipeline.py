@@ -128,6 +128,9 @@ def run(config: RunConfig) -> dict:
         raise CompressorError(f"unknown method {config.method!r}; available: {', '.join(criteria.available())}")
     if config.from_scratch and (config.checkpoint or config.epochs):
         raise CompressorError("--from-scratch starts from random weights: it takes no --checkpoint and no --epochs")
+    if config.from_scratch and config.method not in criteria.from_scratch_methods():
+        raise CompressorError(f"--from-scratch needs a criterion that trains from random weights "
+                              f"({', '.join(criteria.from_scratch_methods())}), not {config.method}")
     if config.resume:
         if not config.out or not (Path(config.out) / "dense.pt").is_file():
             raise CompressorError("--resume continues a run: give its --out, which must hold the run's dense.pt")
@@ -257,6 +260,7 @@ def criterion_options(config: RunConfig) -> dict:
              "ffr_curvature", "ffr_warmup", "ffr_epochs", "ffr_score", "group_size", "population", "generations",
              "crossover", "mutation", "objective", "search_samples")
     return {"levels": levels, "mode": config.damage, "lr": config.lr if config.from_scratch else config.finetune_lr,
+            "batch_size": config.batch_size, "label_smoothing": config.label_smoothing, "schedule": config.schedule,
             **{n: getattr(config, n) for n in names}}
 
 

@@ -98,3 +98,20 @@ def test_export_trt_without_tensorrt_stops_before_training(tmp_path, capsys):
     assert main(["run", "--dataset", "synthetic", "--export", "onnx,trt", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "pip install tensorrt" in err and "Traceback" not in err and not out.exists()
+
+
+def test_criterion_options_reach_the_criterion(tmp_path):
+    out = tmp_path / "psap"
+    assert main(["run", "--model", "conv4", "--method", "psap", "--steps", "2", "--psap-threshold", "0.3",
+                 "--protect-z", "1.5", "--budget-params", "0.5", "--out", str(out), *FAST]) == 0
+    psap = json.loads((out / "metrics.json").read_text())["criterion"]["psap"]
+    assert psap["threshold"] == 0.3 and psap["protect_z"] == 1.5
+    assert psap["train"]["batch_size"] == 64 and len(psap["steps"]) == 2
+
+
+@pytest.mark.parametrize("method", ["l1", "sensitivity", "smoea"])
+def test_from_scratch_is_refused_where_the_criterion_does_not_train_from_random(tmp_path, capsys, method):
+    assert main(["run", "--method", method, "--from-scratch", "--dataset", "synthetic",
+                 "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--from-scratch needs a criterion" in err and "psap" in err and not (tmp_path / "r").exists()

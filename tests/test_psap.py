@@ -77,13 +77,18 @@ def test_masked_model_equals_pruned_model(small, name):
     torch.testing.assert_close(pruned_out, masked_out, rtol=1e-4, atol=1e-5)
 
 
-def test_masks_survive_momentum_and_weight_decay(small):
-    model = models.create("vgg11", 10, 3)
-    graph = surgery.trace(model, small.example_inputs())
+def _every_third_masked(graph):
     masks = masking.full_masks(graph)
     for m in masks.values():
         m[::3] = False
     masking.zero_masked(graph, masks)
+    return masks
+
+
+def test_masks_survive_momentum_and_weight_decay(small):
+    model = models.create("vgg11", 10, 3)
+    graph = surgery.trace(model, small.example_inputs())
+    masks = _every_third_masked(graph)
     fit(model, small, TrainConfig(epochs=1, lr=0.1, weight_decay=5e-3, momentum=0.9), CPU,
         hooks=masking.hooks(graph, masks))
     for group in graph.groups:
@@ -91,6 +96,40 @@ def test_masks_survive_momentum_and_weight_decay(small):
         params = masking.channel_params(graph, group)
         assert all(torch.count_nonzero(t[drop]) == 0 for t in params)
         assert any(torch.count_nonzero(t[~drop]) > 0 for t in params)  # the kept ones did train
+
+
+def test_masked_gradients_are_cleared_before_the_optimizer_step(small):
+    # Behind conv -> BN -> ReLU a masked channel gets no gradient anyway, so training alone cannot show
+    # that the hook clears it. Here every row gets a gradient, and no re-zeroing runs after the step.
+    model = models.create("vgg11", 10, 3)
+    graph = surgery.trace(model, small.example_inputs())
+    masks = _every_third_masked(graph)
+    hooks = masking.hooks(graph, masks)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
+    for _ in range(3):
+        for t in model.parameters():
+            t.grad = torch.ones_like(t)
+        hooks.after_backward()
+        opt.step()
+    for group in graph.groups:
+        drop = ~masks[group.name]
+        for t in masking.channel_params(graph, group):
+            assert torch.count_nonzero(t[drop]) == 0
+            assert torch.count_nonzero(t[~drop]) > 0
+
+
+def test_restored_channels_survive_the_next_pruning_step(small):
+    # --protect-z 0: any masked channel whose gradient beats the kept channels' mean comes back
+    request = psap_request("conv4", small, fraction=0.3, metric="params", steps=3)
+    request.options["protect_z"] = 0.0
+    plan = make_plan("psap", request)
+    report = request.report["psap"]
+    restored = report["restored_per_step"]
+    assert restored[0] == 0 and sum(restored) > 0
+    assert [s["restored_kept"] for s in report["steps"]] == restored
+    assert report["protect_z"] == 0.0
+    widths = {g: len(idx) for g, idx in plan.keep.items()}
+    assert widths == report["steps"][-1]["widths"]
 
 
 @pytest.mark.parametrize("name", ["conv4", "vgg11", "resnet20"])

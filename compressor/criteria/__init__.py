@@ -18,8 +18,10 @@ from ..data import ImageData
 from ..errors import CompressorError
 from ..plan import PruningPlan
 from ..surgery import Graph, trace
+from ..train import TrainConfig
 
 _CRITERIA: dict[str, Callable[["PlanRequest"], PruningPlan]] = {}
+_FROM_SCRATCH: set[str] = set()  # criteria that train enough to start from random weights
 
 
 @dataclass
@@ -45,9 +47,12 @@ class PlanRequest:
         return self.graph
 
 
-def register(name: str):
+def register(name: str, from_scratch: bool = False):
+    """Add a criterion; ``from_scratch`` if it trains enough to start from random weights."""
     def wrap(fn):
         _CRITERIA[name] = fn
+        if from_scratch:
+            _FROM_SCRATCH.add(name)
         return fn
 
     return wrap
@@ -55,6 +60,18 @@ def register(name: str):
 
 def available() -> list[str]:
     return sorted(_CRITERIA)
+
+
+def from_scratch_methods() -> list[str]:
+    return sorted(_FROM_SCRATCH)
+
+
+def train_config(request: PlanRequest, epochs: int, seed: int, schedule: str = "cosine") -> TrainConfig:
+    """How a criterion trains on its way: the run's batch size and label smoothing, and the rate the
+    pipeline chose for it (the fine-tuning rate, or the dense one when starting from scratch)."""
+    o = request.options
+    return TrainConfig(epochs, lr=float(o.get("lr", 0.01)), batch_size=int(o.get("batch_size", 128)),
+                       schedule=schedule, label_smoothing=float(o.get("label_smoothing", 0.0)), seed=seed)
 
 
 def make_plan(method: str, request: PlanRequest) -> PruningPlan:

@@ -27,6 +27,7 @@ widths; the shared solver then meets the budget exactly from the widths that thr
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn as nn
@@ -36,8 +37,8 @@ from ..budget import CostModel, allowed_widths, solve_widths
 from ..errors import CompressorError
 from ..plan import PruningPlan
 from ..surgery import PRUNABLE_TYPES, Graph
-from ..train import TrainConfig, TrainHooks, evaluate, fit
-from . import PlanRequest, register
+from ..train import TrainHooks, evaluate, fit
+from . import PlanRequest, register, train_config
 
 _BN = nn.modules.batchnorm._BatchNorm
 NEAR_ZERO = 1e-2  # of the layer's largest score: the issue's measure of structured sparsity
@@ -123,9 +124,11 @@ class FlowRecorder:
             h.remove()
 
 
+@functools.cache  # one compiled function per process: each new torch.compile wrapper would compile again
 def _compiled_flow_terms():
     """flow_terms fused by torch.compile: in eager mode its dozens of small kernels per step cost
-    more than the VGG-16 step itself on an H100 (10 s vs 3.7 s per CIFAR-10 epoch)."""
+    more than the VGG-16 step itself on an H100 (10 s vs 3.7 s per CIFAR-10 epoch). A compiler
+    failure in the first forward falls back to eager; one in the compiled backward stops the run."""
     compiled = torch.compile(flow_terms, dynamic=False)
 
     def terms(features):
@@ -190,7 +193,8 @@ def near_zero_share(scores: dict[str, torch.Tensor], relative: float = NEAR_ZERO
 
 
 def threshold_widths(graph: Graph, scores: dict[str, torch.Tensor], budget, round_to: int, max_ratio: float) -> dict[str, int]:
-    """Widths from one global score threshold, the largest threshold whose widths still meet the budget."""
+    """Widths from one global score threshold: the lowest one whose widths meet the budget, so the most
+    channels stay."""
     cost = CostModel(graph)
     choices = {g.name: allowed_widths(g.width, round_to, max_ratio) for g in graph.groups}
 
@@ -212,7 +216,7 @@ def threshold_widths(graph: Graph, scores: dict[str, torch.Tensor], budget, roun
     return widths_at(candidates[lo])
 
 
-@register("ffr")
+@register("ffr", from_scratch=True)
 def ffr(request: PlanRequest) -> PruningPlan:
     if request.data is None:
         raise CompressorError("the ffr criterion trains with its penalty and needs data")
@@ -225,8 +229,8 @@ def ffr(request: PlanRequest) -> PruningPlan:
     graph = request.traced()
     history = []
     if epochs:
-        config = TrainConfig(epochs, lr=float(opts.get("lr", 0.05)), seed=request.seed,
-                             schedule="onecycle" if opts.get("from_scratch") else "cosine")
+        config = train_config(request, epochs, request.seed,
+                              schedule=opts.get("schedule", "onecycle") if opts.get("from_scratch") else "cosine")
         with regularised(request.model, length_w, curvature_w, warmup / epochs) as hooks:
             history = fit(request.model, request.data, config, request.device, desc="ffr", hooks=hooks)
     scores = channel_scores(graph, score)

@@ -19,9 +19,12 @@ Protective reconstruction: after each step's training except the last, a masked 
 whose watched gradient exceeds ``mean + protect_z * std`` of the kept channels of its
 group is restored with the weights it had when it was masked, and the kept channel of
 that group with the least L1 norm is masked in its place, so widths and budget hold.
+The next step's pruning (by L1) then never takes a channel restored just before it: it
+has had no training since it was masked, so its L1 norm would send it straight back.
 
-``--from-scratch`` runs the same loop from the random initialisation (the pipeline skips
-dense training) and trains the steps at the dense learning rate. The final masks become a
+Each step trains with a cosine schedule at the fine-tuning rate, with the run's batch
+size and label smoothing. ``--from-scratch`` runs the same loop from the random
+initialisation (the pipeline skips dense training) at the dense learning rate. The final masks become a
 plan; surgery removes exactly the zeroed channels, so the result equals the masked model.
 """
 from __future__ import annotations
@@ -32,9 +35,9 @@ from ..budget import Budget, solve_widths
 from ..errors import CompressorError
 from ..plan import PruningPlan
 from ..surgery import PRUNABLE_TYPES, Graph
-from ..train import TrainConfig, fit
+from ..train import fit
 from .. import masking
-from . import PlanRequest, register
+from . import PlanRequest, register, train_config
 from .baselines import filter_l1
 
 THRESHOLD = 0.5
@@ -87,11 +90,13 @@ class GradientWatch:
 
     def _add(self, group: str, grad: torch.Tensor):
         dims = [0] + list(range(2, grad.dim()))
-        self.sums[group] = self.sums[group].to(grad.device) + grad.detach().abs().float().mean(dims)
-        self.steps[group] += 1
+        g = grad.detach().abs().float().mean(dims)
+        finite = torch.isfinite(g).all()  # a grad scaler's overflow steps are skipped, here as in the optimizer
+        self.sums[group] = self.sums[group].to(g.device) + torch.where(finite, g, torch.zeros_like(g))
+        self.steps[group] = self.steps[group] + finite.long()  # a tensor: no device sync per step
 
     def mean(self) -> dict[str, torch.Tensor]:
-        return {n: s.cpu() / max(self.steps[n], 1) for n, s in self.sums.items()}
+        return {n: s.cpu() / max(int(self.steps[n]), 1) for n, s in self.sums.items()}
 
     def close(self):
         for h in self.handles:
@@ -142,52 +147,58 @@ class _Saved:
         masking.zero_masked(self.graph, new)
 
 
-@register("psap")
+@register("psap", from_scratch=True)
 def psap(request: PlanRequest) -> PruningPlan:
     if request.data is None:
         raise CompressorError("the psap criterion trains between its steps and needs data")
     opts = request.options
-    steps, step_epochs = int(opts.get("steps") or 3), int(opts.get("step_epochs") or 1)
-    threshold, z = float(opts.get("threshold", THRESHOLD)), float(opts.get("protect_z", PROTECT_Z))
+    steps = 3 if opts.get("steps") is None else int(opts["steps"])
+    step_epochs = 1 if opts.get("step_epochs") is None else int(opts["step_epochs"])
+    threshold, z = float(opts.get("psap_threshold", THRESHOLD)), float(opts.get("protect_z", PROTECT_Z))
     if steps < 1 or step_epochs < 1:
         raise CompressorError(f"psap needs --steps >= 1 and --step-epochs >= 1, got {steps} and {step_epochs}")
     if not 0 < threshold < 1:
         raise CompressorError(f"--psap-threshold must lie in (0, 1), got {threshold}")
-    lr = float(opts.get("lr", 0.01))  # the pipeline passes the dense rate when starting from scratch
     graph, model, budget = request.traced(), request.model, request.budget
     masks, saved, watch = masking.full_masks(graph), _Saved(graph), None
     records = []
     for step in range(1, steps + 1):
-        record = {"step": step}
+        record, restored = {"step": step}, {}
         if watch is not None:  # protective reconstruction, from the last step's gradients
             protected, swaps = protect(masks, watch.mean(), filter_l1(graph), z)
             saved.change(masks, protected)
             masks = protected
-            record["restored"] = {n: len(p) for n, p in swaps.items()}
-            record["restored_total"] = sum(record["restored"].values())
+            restored = {n: [r for r, _ in pairs] for n, pairs in swaps.items() if pairs}
         target = 1.0 - (1.0 - budget.fraction) * step / steps
         tolerance = budget.tolerance if step == steps else max(budget.tolerance, 0.03)
         found = sparsity(graph, masks, threshold)
         ratios = {n: v + 1e-3 for n, v in found.items()}  # a layer with no small weights still gives a little
         widths = solve_widths(graph, Budget(budget.metric, target, tolerance), ratios, request.round_to,
                               request.max_ratio).widths
-        pruned = _top(filter_l1(graph), widths)  # masked channels score 0 by L1, so they stay masked
+        scores = filter_l1(graph)  # masked channels score 0 by L1, so they stay masked
+        for name, channels in restored.items():
+            scores[name][channels] = float("inf")
+        pruned = _top(scores, widths)
         saved.change(masks, pruned)
         masks = pruned
         record.update({"target": target, "sparsity": found, "ratios": {n: 1 - widths[n] / graph.group(n).width
-                                                                        for n in widths}, "widths": widths})
+                                                                        for n in widths}, "widths": widths,
+                       "restored": {n: len(c) for n, c in restored.items()},
+                       "restored_total": sum(len(c) for c in restored.values()),
+                       "restored_kept": sum(int(masks[n][c].sum()) for n, c in restored.items())})
         watch = GradientWatch(graph)
         try:
-            history = fit(model, request.data, TrainConfig(step_epochs, lr=lr, schedule="cosine", seed=request.seed + step),
+            history = fit(model, request.data, train_config(request, step_epochs, request.seed + step),
                           request.device, desc=f"psap step {step}/{steps}", hooks=masking.hooks(graph, masks))
         finally:
             watch.close()
         record["history"] = history
         records.append(record)
         print(f"psap step {step}/{steps}: target {target:.3f} of {budget.metric}, "
-              f"restored {record.get('restored_total', 0)}, widths {widths}")
-    request.report["psap"] = {"steps": records, "train_epochs": steps * step_epochs, "threshold": threshold, "protect_z": z, "lr": lr,
-                              "restored_per_step": [r.get("restored_total", 0) for r in records]}
+              f"restored {record['restored_total']}, widths {widths}")
+    request.report["psap"] = {"steps": records, "train_epochs": steps * step_epochs, "threshold": threshold,
+                              "protect_z": z, "train": train_config(request, step_epochs, request.seed).as_dict(),
+                              "restored_per_step": [r["restored_total"] for r in records]}
     return masking.to_plan(masks)
 
 

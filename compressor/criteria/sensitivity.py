@@ -17,6 +17,7 @@ Multi-step (``--steps N``): prune a working copy to part of the budget, fine-tun
 ``--step-epochs``, re-analyse, repeat; the kept channels are tracked back to the
 original indices, and the final plan applies to the original model (the intermediate
 fine-tuning informs the selection; the pipeline's fine-tuning trains the result).
+``--step-epochs 0`` re-analyses without training in between.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from ..data import DeviceBatches, ImageData
 from ..errors import CompressorError
 from ..plan import PruningPlan
 from ..surgery import PRUNABLE_TYPES, Graph, apply, count, trace
-from ..train import TrainConfig, accuracy, fit
-from . import PlanRequest, register
+from ..train import accuracy, fit
+from . import PlanRequest, register, train_config
 from .baselines import filter_l1
 
 LEVELS = (0.25, 0.5, 0.75)
@@ -117,7 +118,8 @@ def sensitivity(request: PlanRequest) -> PruningPlan:
     opts = request.options
     levels = tuple(opts.get("levels", LEVELS))
     mode = opts.get("mode", "zero")
-    steps = int(opts.get("steps") or 1)
+    steps = 1 if opts.get("steps") is None else int(opts["steps"])
+    step_epochs = 1 if opts.get("step_epochs") is None else int(opts["step_epochs"])
     if steps < 1:
         raise CompressorError(f"--steps must be at least 1, got {steps}")
     graph = request.traced()
@@ -143,9 +145,9 @@ def sensitivity(request: PlanRequest) -> PruningPlan:
         plan = _plan(work_graph, analysis, Budget(request.budget.metric, relative, tolerance), request)
         origin = {g: [origin[g][i] for i in plan.keep.get(g, range(len(origin[g])))] for g in origin}
         apply(work, plan, x, graph=work_graph)
-        if step < steps:
-            fit(work, request.data, TrainConfig(int(opts.get("step_epochs") or 1), lr=0.01, schedule="cosine",
-                                                seed=request.seed + step), request.device, desc=f"step {step}")
+        if step < steps and step_epochs:
+            fit(work, request.data, train_config(request, step_epochs, request.seed + step), request.device,
+                desc=f"step {step}")
     _record(request, analyses[0], analyses)
     return PruningPlan({g: idx for g, idx in origin.items()})
 

@@ -30,8 +30,11 @@ with masks as channel multipliers. After each block the chosen filters are maske
 ``--step-epochs``; the pipeline's fine-tuning follows the last block.
 
 The state is saved after every generation (``smoea-state.pt``, with the weights at the
-start of the block in ``smoea-weights.pt``); ``--resume`` continues from it and, with the
-same seed, ends where an unbroken run ends. Fronts go to ``smoea-fronts.json`` and
+start of the block in ``smoea-weights.pt``, written before the state that points at
+them); ``--resume`` continues from it and, with the same seed, ends where an unbroken run
+ends. After the last block the whole model must keep the budget within its tolerance,
+or the run stops with a budget error. ``--max-ratio`` bounds only the reference
+allocation; the search itself may prune a group further. Fronts go to ``smoea-fronts.json`` and
 ``smoea-fronts.png``.
 """
 from __future__ import annotations
@@ -46,13 +49,13 @@ import torch.nn.functional as F
 from .. import masking, nsga
 from ..budget import CostModel, solve_widths
 from ..data import DeviceBatches
-from ..errors import CompressorError
+from ..errors import BudgetError, CompressorError
 from ..files import atomic_path, write_json
 from ..plan import PruningPlan
 from ..subnet import Split
 from ..surgery import Graph
-from ..train import TrainConfig, autocast, fit
-from . import PlanRequest, register
+from ..train import autocast, fit
+from . import PlanRequest, register, train_config
 from .baselines import filter_l1
 
 STATE, WEIGHTS = "smoea-state.pt", "smoea-weights.pt"
@@ -165,10 +168,27 @@ def _fit_share(genome: torch.Tensor, evaluator: BlockEvaluator, scores: torch.Te
     return genome
 
 
-def _save_state(out: Path | None, state: dict) -> None:
-    if out is not None:
-        with atomic_path(out / STATE) as tmp:
-            torch.save(state, tmp)
+def _save_state(out: Path | None, state: dict, model: torch.nn.Module | None = None) -> None:
+    """Write the state; with ``model``, first the weights it starts from, so a cut never pairs a state with
+    the weights of an earlier block."""
+    if out is None:
+        return
+    if model is not None:
+        with atomic_path(out / WEIGHTS) as tmp:
+            torch.save(model.state_dict(), tmp)
+    with atomic_path(out / STATE) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(out: Path | None) -> tuple[dict, dict]:
+    """The saved state and weights of an interrupted run, or one clear error."""
+    if out is None or not (out / STATE).is_file() or not (out / WEIGHTS).is_file():
+        raise CompressorError(f"--resume found no smoea state to continue in {out} ({STATE} and {WEIGHTS})")
+    try:
+        return (torch.load(out / STATE, map_location="cpu", weights_only=True),
+                torch.load(out / WEIGHTS, map_location="cpu", weights_only=True))
+    except Exception as e:  # truncated, or not a torch file: say which and stop
+        raise CompressorError(f"cannot read the smoea state in {out}: {e}") from None
 
 
 @register("smoea")
@@ -183,31 +203,33 @@ def smoea(request: PlanRequest) -> PruningPlan:
         raise CompressorError("smoea needs --population >= 4, --generations >= 0, --group-size >= 1, --search-samples >= 1")
     graph, model, budget, device = request.traced(), request.model, request.budget, request.device
     out = Path(request.out_dir) if request.out_dir is not None else None
+    step_epochs = 1 if opts.get("step_epochs") is None else int(opts["step_epochs"])
     settings = {"population": population, "generations": generations, "group_size": group_size, "seed": request.seed,
                 "samples": samples, "objective": objective, "crossover": kind, "budget": [budget.metric, budget.fraction],
-                "mutation": opts.get("mutation")}
+                "mutation": opts.get("mutation"), "max_ratio": request.max_ratio,
+                "train": train_config(request, step_epochs, request.seed).as_dict()}
     cost = CostModel(graph)
     reference = solve_widths(graph, budget, None, 1, request.max_ratio).widths
     blocks = blocks_by_size(graph, group_size)
     masks = masking.full_masks(graph)
     saved = {"block": 0, "masks": masks, "fronts": [], "search": None, "settings": settings}
     if opts.get("resume"):
-        if out is None or not (out / STATE).is_file():
-            raise CompressorError(f"--resume found no smoea state to continue in {out}")
-        saved = torch.load(out / STATE, weights_only=True)
-        if saved["settings"] != settings:
-            raise CompressorError(f"--resume with other settings than the interrupted run: {saved['settings']} "
+        saved, weights = _load_state(out)
+        if saved.get("settings") != settings:
+            raise CompressorError(f"--resume with other settings than the interrupted run: {saved.get('settings')} "
                                   f"vs {settings}")
-        model.load_state_dict(torch.load(out / WEIGHTS, weights_only=True))
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise CompressorError(f"the saved smoea weights in {out} do not fit this model: {e}") from None
         masks = saved["masks"]
+        masking.zero_masked(graph, masks)
         print(f"smoea: resuming at block {saved['block'] + 1}/{len(blocks)}")
+    else:
+        _save_state(out, saved, model)
     fronts, evaluations, eval_seconds = saved["fronts"], 0, 0.0
-    step_epochs = 1 if opts.get("step_epochs") is None else int(opts["step_epochs"])
     for b in range(saved["block"], len(blocks)):
         block = blocks[b]
-        if saved["search"] is None and out is not None:  # weights at the start of the block, for --resume
-            with atomic_path(out / WEIGHTS) as tmp:
-                torch.save(model.state_dict(), tmp)
         chosen = {g: int(m.sum()) for g, m in masks.items()}
         fixed = reference | {g: chosen[g] for blk in blocks[:b] for g in blk}
         evaluator = BlockEvaluator(graph, block, request.data, device, samples, budget.metric, objective, fixed, cost)
@@ -246,7 +268,7 @@ def smoea(request: PlanRequest) -> PruningPlan:
                                                  for i in sorted(front, key=lambda i: result.objectives[i][1])],
                        "chosen": {"accuracy": accuracy, "loss": loss, "kept": evaluator.kept(genome),
                                   "widths": {n: int(m.sum()) for n, m in evaluator.masks(genome).items()}},
-                       "history": result.history, "evaluations": evaluator.evaluations,
+                       "history": result.history, "evaluations": result.evaluations,  # with any before a resume
                        "seconds": time.perf_counter() - started,
                        "candidates_per_second": evaluator.evaluations / max(evaluator.seconds, 1e-9)})
         print(f"smoea block {b + 1}/{len(blocks)} {block}: {evaluator.evaluations} candidates in "
@@ -254,10 +276,14 @@ def smoea(request: PlanRequest) -> PruningPlan:
               f"{accuracy:.2%}, {evaluator.kept(genome):.3f} of {budget.metric}")
         del evaluator
         if b < len(blocks) - 1 and step_epochs > 0:
-            fit(model, request.data, TrainConfig(step_epochs, lr=float(opts.get("lr", 0.01)),
-                                                 schedule="cosine", seed=request.seed + b),
+            fit(model, request.data, train_config(request, step_epochs, request.seed + b),
                 device, desc=f"smoea block {b + 1}", hooks=masking.hooks(graph, masks))
-        _save_state(out, {"block": b + 1, "masks": masks, "fronts": fronts, "search": None, "settings": settings})
+        _save_state(out, {"block": b + 1, "masks": masks, "fronts": fronts, "search": None, "settings": settings},
+                    model)
+    kept = cost.fractions(masking.widths(masks))[budget.metric]
+    if abs(kept - budget.fraction) > budget.tolerance:
+        raise BudgetError(f"smoea ended at {kept:.4f} of {budget.metric}, not within {budget.tolerance} of "
+                          f"{budget.fraction}: try a larger --population or more --generations")
     request.report["smoea"] = {"blocks": [f["block"] for f in fronts], "fronts": fronts, "settings": settings,
                                "train_epochs": (len(blocks) - 1) * step_epochs,
                                "evaluations": sum(f["evaluations"] for f in fronts),
