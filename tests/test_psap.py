@@ -4,7 +4,7 @@ import torch
 from compressor import data as datasets, masking, models, surgery
 from compressor.budget import Budget, CostModel
 from compressor.criteria import PlanRequest, make_plan
-from compressor.criteria.psap import GradientWatch, protect, sparsity
+from compressor.criteria.psap import GradientWatch, protect, sparsity, step_scores
 from compressor.train import TrainConfig, fit
 
 CPU = torch.device("cpu")
@@ -164,3 +164,18 @@ def test_watched_gradient_of_a_masked_filter_drives_its_restoration(small):
     new, swaps = protect(masks, watch.mean(), {g: torch.rand(m.numel()) for g, m in masks.items()})
     assert swaps[first.name][0][0] == 3 and new[first.name][3]  # the one that stands out most comes back first
     assert masking.widths(new) == masking.widths(masks)
+
+
+def test_a_group_given_more_channels_takes_back_the_most_wanted_masked_ones(small):
+    graph = surgery.trace(models.create("conv4", 10, 3), small.example_inputs())
+    name = graph.groups[1].name
+    masks = masking.full_masks(graph)
+    masks[name][1:9] = False  # channel 0 was restored just now, so it is kept
+    masking.zero_masked(graph, masks)
+    grads = {g: torch.rand(m.numel(), generator=torch.Generator().manual_seed(1)) for g, m in masks.items()}
+    grads[name][1:9] = torch.tensor([1.0, 9.0, 2.0, 8.0, 3.0, 4.0, 5.0, 6.0])
+    scores = step_scores(graph, masks, grads, {name: [0]})
+    kept, masked = scores[name][masks[name]], scores[name][1:9]
+    assert scores[name][0] == float("inf")
+    assert kept.min() >= 0 > masked.max()  # every kept channel outranks every masked one
+    assert (torch.topk(masked, 2).indices + 1).tolist() == [2, 4]  # then the largest watched gradients

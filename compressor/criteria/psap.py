@@ -21,6 +21,9 @@ group is restored with the weights it had when it was masked, and the kept chann
 that group with the least L1 norm is masked in its place, so widths and budget hold.
 The next step's pruning (by L1) then never takes a channel restored just before it: it
 has had no training since it was masked, so its L1 norm would send it straight back.
+Ratios come afresh from sparsity at every step, so a group may be given more channels
+than it kept; it takes back the masked ones with the largest watched gradient ("regrown"
+in the report), with the weights they had when masked.
 
 Each step trains with a cosine schedule at the fine-tuning rate, with the run's batch
 size and label smoothing. ``--from-scratch`` runs the same loop from the random
@@ -163,9 +166,10 @@ def psap(request: PlanRequest) -> PruningPlan:
     masks, saved, watch = masking.full_masks(graph), _Saved(graph), None
     records = []
     for step in range(1, steps + 1):
-        record, restored = {"step": step}, {}
+        record, restored, grads = {"step": step}, {}, None
         if watch is not None:  # protective reconstruction, from the last step's gradients
-            protected, swaps = protect(masks, watch.mean(), filter_l1(graph), z)
+            grads = watch.mean()
+            protected, swaps = protect(masks, grads, filter_l1(graph), z)
             saved.change(masks, protected)
             masks = protected
             restored = {n: [r for r, _ in pairs] for n, pairs in swaps.items() if pairs}
@@ -175,17 +179,16 @@ def psap(request: PlanRequest) -> PruningPlan:
         ratios = {n: v + 1e-3 for n, v in found.items()}  # a layer with no small weights still gives a little
         widths = solve_widths(graph, Budget(budget.metric, target, tolerance), ratios, request.round_to,
                               request.max_ratio).widths
-        scores = filter_l1(graph)  # masked channels score 0 by L1, so they stay masked
-        for name, channels in restored.items():
-            scores[name][channels] = float("inf")
-        pruned = _top(scores, widths)
+        pruned = _top(step_scores(graph, masks, grads, restored), widths)
+        regrown = {n: int((pruned[n] & ~masks[n]).sum()) for n in masks}
         saved.change(masks, pruned)
         masks = pruned
         record.update({"target": target, "sparsity": found, "ratios": {n: 1 - widths[n] / graph.group(n).width
                                                                         for n in widths}, "widths": widths,
                        "restored": {n: len(c) for n, c in restored.items()},
                        "restored_total": sum(len(c) for c in restored.values()),
-                       "restored_kept": sum(int(masks[n][c].sum()) for n, c in restored.items())})
+                       "restored_kept": sum(int(masks[n][c].sum()) for n, c in restored.items()),
+                       "regrown": regrown})
         watch = GradientWatch(graph)
         try:
             history = fit(model, request.data, train_config(request, step_epochs, request.seed + step),
@@ -200,6 +203,22 @@ def psap(request: PlanRequest) -> PruningPlan:
                               "protect_z": z, "train": train_config(request, step_epochs, request.seed).as_dict(),
                               "restored_per_step": [r["restored_total"] for r in records]}
     return masking.to_plan(masks)
+
+
+def step_scores(graph: Graph, masks: dict[str, torch.Tensor], grads: dict[str, torch.Tensor] | None,
+                restored: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """What a step prunes by: kept channels by L1 norm, channels restored just now above them all, and
+    masked ones below them all, by their watched gradient (a group whose ratio falls takes back the
+    masked channels the loss wants most, not arbitrary ones)."""
+    scores = filter_l1(graph)
+    for name, keep in masks.items():
+        masked = ~keep
+        if masked.any():
+            g = grads[name][masked].float() if grads is not None else torch.zeros(int(masked.sum()))
+            scores[name][masked] = 0.5 * g / (g.max() + 1e-12) - 1.0  # in [-1, -0.5]: under any kept channel
+        if restored.get(name):
+            scores[name][restored[name]] = float("inf")
+    return scores
 
 
 def _top(scores: dict[str, torch.Tensor], widths: dict[str, int]) -> dict[str, torch.Tensor]:
