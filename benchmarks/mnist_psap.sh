@@ -3,6 +3,7 @@
 #   L1:                 5 dense epochs (DENSE_CKPT) + 3 fine-tuning epochs
 #   PSAP:               5 dense epochs (DENSE_CKPT) + 3 prune-train steps of 1 epoch, no further fine-tuning
 #   PSAP from scratch:  4 prune-train steps of 2 epochs from random weights
+#   PSAP, --protect-z 1: as PSAP, with a lower bar for restoring a masked filter (10% only)
 # Usage: benchmarks/mnist_psap.sh DATA_DIR [DENSE_CKPT]
 # Writes benchmarks/results/mnist-conv4-psap.{json,md}.
 set -euo pipefail
@@ -25,4 +26,8 @@ for budget in 0.25 0.1; do
     --finetune-epochs 0 --out "$out" "${common[@]}"
   runs+=("$out")
 done
+out=runs/bench-psap-mnist-conv4-psap-z1-params0.1
+compress run --checkpoint "$dense" --method psap --steps 3 --step-epochs 1 --protect-z 1 --budget-params 0.1 \
+  --finetune-epochs 0 --out "$out" "${common[@]}"
+runs+=("$out")
 python benchmarks/summarize_runs.py mnist-conv4-psap "${runs[@]}"

@@ -29,7 +29,10 @@ def row(run: str) -> dict:
             "widths": m["widths"]["pruned"], "total_epochs": total_epochs(m),
             "acc_dense": m["accuracy"]["dense"]["test"], "acc_pruned": m["accuracy"]["pruned"]["test"],
             "acc_finetuned": m["accuracy"]["finetuned"]["test"],
-            "restored_per_step": crit.get("restored_per_step"), "seconds": m["seconds"]["total"],
+            "restored_per_step": crit.get("restored_per_step"), "protect_z": crit.get("protect_z"),
+            "regrown_per_step": [sum(s.get("regrown", {}).values()) for s in crit.get("steps", [])
+                                 if isinstance(s, dict)] or None,
+            "seconds": m["seconds"]["total"],
             "search_seconds": crit.get("search_seconds"), "candidates_per_second": crit.get("candidates_per_second"),
             "command": " ".join(m["command"] or []), "commit": m["versions"]["commit"], "device": m["device"],
             "date": m["date"]}
@@ -38,7 +41,9 @@ def row(run: str) -> dict:
 def notes(r: dict) -> str:
     found = []
     if r["restored_per_step"] is not None:
-        found.append(f"restored per step {r['restored_per_step']}")
+        found.append(f"restored per step {r['restored_per_step']} (--protect-z {r['protect_z']:g})")
+    if r.get("regrown_per_step") is not None and any(r["regrown_per_step"]):
+        found.append(f"regrown per step {r['regrown_per_step']}")
     if r["search_seconds"] is not None:
         found.append(f"search {r['search_seconds']:.0f} s, {r['candidates_per_second']:.1f} candidates/s")
     return "; ".join(found)
