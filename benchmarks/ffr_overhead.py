@@ -1,9 +1,10 @@
 """Time per training step with and without the FFR penalty, interleaved in one process.
 
 Usage: python benchmarks/ffr_overhead.py [--model conv4] [--shape 1,28,28] [--batch-size 128] [--device auto]
-       [--rounds 7] [--steps 20] [--out NAME]
+       [--rounds 7] [--steps 20] [--compile auto|on|off] [--out NAME]
 Random inputs (the cost does not depend on the pixels). Rounds alternate plain and FFR so
-that drift on a shared machine hits both; the overhead is the ratio of the medians.
+that drift on a shared machine hits both; the overhead is the ratio of the medians. One
+untimed round of each comes first (it compiles the penalty, where it is compiled).
 With --out, writes benchmarks/results/NAME.json.
 """
 import argparse
@@ -29,6 +30,8 @@ p.add_argument("--batch-size", type=int, default=128)
 p.add_argument("--device", default="auto")
 p.add_argument("--rounds", type=int, default=7)
 p.add_argument("--steps", type=int, default=20)
+p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+               help="torch.compile the penalty (auto: on a GPU only, as training does)")
 p.add_argument("--out")
 args = p.parse_args()
 device = pick_device(args.device)
@@ -65,12 +68,18 @@ def steps(hooks) -> float:
     return (time.perf_counter() - start) / args.steps
 
 
+compiled = {"auto": None, "on": True, "off": False}[args.compile]
+with regularised(model, 0.01, 0.01, 0.0, compiled=compiled) as hooks:  # untimed: compiles, if it does
+    steps(hooks)
+steps(None)
 plain, ffr = [], []
-for _ in range(args.rounds):
+for _ in range(args.rounds):  # the compiled penalty is built once per process and reused
     plain.append(steps(None))
-    with regularised(model, 0.01, 0.01, 0.0) as hooks:
+    with regularised(model, 0.01, 0.01, 0.0, compiled=compiled) as hooks:
         ffr.append(steps(hooks))
+compiled = device.type == "cuda" if compiled is None else compiled
 result = {"model": args.model, "input": shape, "batch_size": args.batch_size, "device": device_name(device),
+          "penalty_compiled": compiled,
           "plain_step_s": statistics.median(plain), "ffr_step_s": statistics.median(ffr),
           "overhead": statistics.median(ffr) / statistics.median(plain) - 1.0, "rounds": args.rounds,
           "steps_per_round": args.steps, "command": "python " + " ".join(sys.argv),

@@ -59,6 +59,8 @@ def _run_parser(sub) -> None:
     g.add_argument("--ffr-warmup", type=float, default=1.0, help="epochs over which the penalty ramps up (default 1)")
     g.add_argument("--ffr-epochs", type=int, default=5, help="epochs of regularised training (default 5)")
     g.add_argument("--ffr-score", default="bn", choices=["bn", "norm"], help="rank filters by BN scale or L2 norm")
+    g.add_argument("--ffr-compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the penalty (auto: on a GPU only; on a CPU it needs a C++ compiler)")
     g = p.add_argument_group("smoea criterion")
     g.add_argument("--group-size", type=int, default=1, help="consecutive prunable layers searched together")
     g.add_argument("--population", type=int, default=32)

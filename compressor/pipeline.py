@@ -58,6 +58,7 @@ class RunConfig:
     ffr_warmup: float = 1.0
     ffr_epochs: int = 5
     ffr_score: str = "bn"
+    ffr_compile: str = "auto"  # torch.compile the penalty: auto (GPU only), on, off
     group_size: int = 1
     population: int = 32
     generations: int = 30
@@ -244,6 +245,8 @@ def criterion_options(config: RunConfig) -> dict:
         raise CompressorError(f"--objective must be accuracy or loss, not {config.objective!r}")
     if config.ffr_score not in ("bn", "norm"):
         raise CompressorError(f"--ffr-score must be bn or norm, not {config.ffr_score!r}")
+    if config.ffr_compile not in ("auto", "on", "off"):
+        raise CompressorError(f"--ffr-compile must be auto, on or off, not {config.ffr_compile!r}")
     limits = [("--steps", config.steps, 1), ("--step-epochs", config.step_epochs, 0), ("--population", config.population, 4),
               ("--generations", config.generations, 0), ("--group-size", config.group_size, 1),
               ("--search-samples", config.search_samples, 1), ("--ffr-epochs", config.ffr_epochs, 0),
@@ -257,7 +260,7 @@ def criterion_options(config: RunConfig) -> dict:
     if config.mutation is not None and not 0 <= config.mutation <= 1:
         raise CompressorError(f"--mutation is a probability in [0, 1], got {config.mutation}")
     names = ("steps", "step_epochs", "from_scratch", "resume", "psap_threshold", "protect_z", "ffr_length",
-             "ffr_curvature", "ffr_warmup", "ffr_epochs", "ffr_score", "group_size", "population", "generations",
+             "ffr_curvature", "ffr_warmup", "ffr_epochs", "ffr_score", "ffr_compile", "group_size", "population", "generations",
              "crossover", "mutation", "objective", "search_samples")
     return {"levels": levels, "mode": config.damage, "lr": config.lr if config.from_scratch else config.finetune_lr,
             "batch_size": config.batch_size, "label_smoothing": config.label_smoothing, "schedule": config.schedule,

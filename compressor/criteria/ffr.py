@@ -159,10 +159,12 @@ def penalty(recorder: FlowRecorder, length_weight: float, curvature_weight: floa
 
 
 @contextlib.contextmanager
-def regularised(model: nn.Module, length_weight: float, curvature_weight: float, warmup: float):
-    """Training hooks adding the penalty; on a GPU the penalty is compiled (CPU tests stay eager)."""
+def regularised(model: nn.Module, length_weight: float, curvature_weight: float, warmup: float,
+                compiled: bool | None = None):
+    """Training hooks adding the penalty; compiled by default on a GPU (CPU tests stay eager)."""
     recorder = FlowRecorder(model)
-    compiled = next(model.parameters()).is_cuda
+    if compiled is None:
+        compiled = next(model.parameters()).is_cuda
     try:
         yield TrainHooks(penalty=penalty(recorder, length_weight, curvature_weight, warmup, compiled))
     finally:
@@ -226,19 +228,21 @@ def ffr(request: PlanRequest) -> PruningPlan:
     warmup, score = float(opts.get("ffr_warmup", 1.0)), opts.get("ffr_score", "bn")
     if epochs < 0 or length_w < 0 or curvature_w < 0 or warmup < 0:
         raise CompressorError("--ffr-epochs, --ffr-length, --ffr-curvature and --ffr-warmup must not be negative")
+    setting = opts.get("ffr_compile", "auto")
+    compiled = setting == "on" or (setting == "auto" and next(request.model.parameters()).is_cuda)
     graph = request.traced()
     history = []
     if epochs:
         config = train_config(request, epochs, request.seed,
                               schedule=opts.get("schedule", "onecycle") if opts.get("from_scratch") else "cosine")
-        with regularised(request.model, length_w, curvature_w, warmup / epochs) as hooks:
+        with regularised(request.model, length_w, curvature_w, warmup / epochs, compiled) as hooks:
             history = fit(request.model, request.data, config, request.device, desc="ffr", hooks=hooks)
     scores = channel_scores(graph, score)
     start = threshold_widths(graph, scores, request.budget, request.round_to, request.max_ratio)
     ratios = {g: 1.0 - start[g] / graph.group(g).width for g in start}
     widths = solve_widths(graph, request.budget, ratios, request.round_to, request.max_ratio).widths
-    report = {"epochs": epochs, "train_epochs": epochs, "length_weight": length_w, "curvature_weight": curvature_w, "warmup_epochs": warmup,
-              "score": score, "history": history, "near_zero_share": near_zero_share(scores),
+    report = {"epochs": epochs, "train_epochs": epochs, "penalty_compiled": compiled and bool(epochs),
+              "length_weight": length_w, "curvature_weight": curvature_w, "warmup_epochs": warmup, "score": score, "history": history, "near_zero_share": near_zero_share(scores),
               "scores": {g: s.tolist() for g, s in scores.items()}, "threshold_widths": start, "widths": widths}
     if epochs and len(request.data.val_y):
         report["val_accuracy"] = evaluate(request.model, request.data, "val", request.device)
