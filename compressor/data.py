@@ -80,15 +80,20 @@ def load(
 
 def from_tensors(name: str, train_x, train_y, test_x, test_y, classes, val_fraction: float = 0.1, seed: int = 0,
                  flip: bool = False) -> ImageData:
-    """An :class:`ImageData` from uint8 NCHW tensors already in memory (your own data, or a test's)."""
+    """An :class:`ImageData` from uint8 NCHW tensors already in memory (your own data, or a test's).
+
+    Validation and test images are kept in a seeded random order, not in the class order
+    that image folders give, so that any prefix of them (SMOEA's ``--search-samples``, the
+    export check's batch) is a fair sample of every class.
+    """
     n_val = int(round(len(train_y) * val_fraction))
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
+    val_idx, train_idx = order[:n_val], order[n_val:].sort().values
+    test_idx = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(seed))
     tx = train_x[train_idx]
     mean, std = channel_stats(tx)
-    return ImageData(
-        name, tx, train_y[train_idx], train_x[val_idx], train_y[val_idx], test_x, test_y, list(classes), mean, std, flip
-    )
+    return ImageData(name, tx, train_y[train_idx], train_x[val_idx], train_y[val_idx], test_x[test_idx],
+                     test_y[test_idx], list(classes), mean, std, flip)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:

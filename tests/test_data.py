@@ -86,3 +86,17 @@ def test_batches_are_normalised_and_cover_the_split():
     assert seen == len(d.test_y)
     xs = torch.cat([x for x, _ in data.DeviceBatches(d, "train", 256, "cpu")])
     assert abs(xs.mean().item()) < 0.05 and abs(xs.std().item() - 1) < 0.05
+
+
+def test_a_prefix_of_validation_and_test_covers_the_classes_of_class_sorted_files():
+    # image folders list class by class; SMOEA scores on the first validation images and the
+    # export check on the first test batch, so those must not be one or two classes
+    index = torch.arange(1000)
+    y = index // 100  # sorted by class
+    x = torch.zeros(1000, 1, 1, 2, dtype=torch.uint8)
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = index // 256, index % 256  # each image holds its own index
+    d = data.from_tensors("sorted", x, y, x, y, [str(c) for c in range(10)], val_fraction=0.2)
+    assert len(d.val_y[:100].unique()) == 10 and len(d.test_y[:100].unique()) == 10
+    for xs, ys in ((d.val_x, d.val_y), (d.test_x, d.test_y)):  # images and labels stay paired
+        assert torch.equal((xs[:, 0, 0, 0].long() * 256 + xs[:, 0, 0, 1].long()) // 100, ys)
+    assert torch.equal(d.test_y.sort().values, y)
