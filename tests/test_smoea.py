@@ -160,22 +160,36 @@ def test_budget_is_met(small, name, tmp_path):
     assert abs(kept - 0.25) <= 0.01
     report = request.report["smoea"]
     assert report["evaluations"] > 0 and report["candidates_per_second"] > 0
+    for f in report["fronts"][:-1]:  # topping up by L1 never makes a block worse than the search's best
+        best = max((-p["objective"] for p in f["front"] if p["kept"] <= 0.25), default=0.0)
+        assert f["chosen"]["accuracy"] >= best
 
 
-def test_cli_resume_of_a_finished_search_keeps_its_plan(tmp_path, capsys):
-    from compressor.cli import main
+class EightFilters:
+    """A block of 8 filters; keeping the highest-L1 filter (7) lowers accuracy if ``hurts``, else raises
+    it. Kept fraction = kept filters / 8."""
 
-    out = tmp_path / "run"
-    args = ["run", "--dataset", "synthetic", "--method", "smoea", "--population", "4", "--generations", "1",
-            "--group-size", "2", "--search-samples", "32", "--step-epochs", "0",
-            "--finetune-epochs", "0", "--budget-params", "0.3"]
-    assert main(args + ["--epochs", "1", "--out", str(out)]) == 0
-    plan = (out / "plan.json").read_text()
-    assert (out / "smoea-fronts.json").is_file() and (out / "smoea-state.pt").is_file()
-    resume = args + ["--out", str(out), "--resume"]
-    assert main(resume) == 0  # nothing left to search: the same plan
-    assert (out / "plan.json").read_text() == plan
-    assert main(resume[:-3] + ["--resume"]) == 2
-    assert "--resume continues a run" in capsys.readouterr().err
-    assert main(args[:5] + ["--population", "2"]) == 2
-    assert "--population must be at least 4" in capsys.readouterr().err
+    sizes = [8]
+
+    def __init__(self, hurts: bool):
+        self.hurts = hurts
+
+    def kept(self, genome):
+        return float(genome.sum()) / 8
+
+    def __call__(self, genomes):
+        return [(-(0.9 if bool(g[7]) != self.hurts else 0.5), self.kept(g)) for g in genomes]
+
+
+@pytest.mark.parametrize("hurts, land_within, expect_topped", [(True, None, False), (True, 0.01, True),
+                                                               (False, None, True)])
+def test_top_up_is_kept_unless_it_hurts_and_the_budget_does_not_need_it(hurts, land_within, expect_topped):
+    from compressor.criteria.smoea import _choose
+
+    evaluator, scores = EightFilters(hurts), torch.arange(8.0)
+    picked = torch.tensor([True] * 4 + [False] * 4)
+    chosen = _choose(picked, evaluator([picked])[0], evaluator, scores, 0.75, land_within)
+    if expect_topped:  # L1's best filters added up to the share
+        assert chosen[7] and chosen[6] and evaluator.kept(chosen) == 0.75
+    else:
+        assert torch.equal(chosen, picked)

@@ -19,9 +19,10 @@ ratio, as L1's). A candidate *meets its block's share* when the whole model, wit
 blocks as chosen, this block as the candidate and later blocks at the reference widths,
 keeps no more than the budget. From the final front the most accurate candidate that
 meets its share is chosen (or the most accurate feasible one of the population); filters
-of the block are then added back by L1 while the share still holds, so each block ends at
-its share and the last one at the budget. ``--round-to`` does not apply: widths are
-whatever the search keeps.
+of the block are then added back by L1 while the share still holds, and kept only if that
+does not worsen the objective on the search images (unused share passes to later blocks),
+except in the last block when it would otherwise miss the budget. ``--round-to`` does
+not apply: widths are whatever the search keeps.
 
 Evaluation is the hot path (``compressor.subnet``): the activations at the block's input are
 computed once per validation batch, and each candidate runs only the rest of the network,
@@ -168,6 +169,18 @@ def _fit_share(genome: torch.Tensor, evaluator: BlockEvaluator, scores: torch.Te
     return genome
 
 
+def _choose(picked: torch.Tensor, picked_point: nsga.Point | None, evaluator: BlockEvaluator, scores: torch.Tensor,
+            share: float, land_within: float | None) -> torch.Tensor:
+    """The search's pick topped up by L1 to the share, unless that worsens the objective and the budget
+    does not need it (``land_within``: the last block's tolerance). Unused share passes to later blocks."""
+    genome = _fit_share(picked, evaluator, scores, share)
+    if picked_point is None or torch.equal(genome, picked):
+        return genome
+    (topped, _), = evaluator([genome])
+    must_land = land_within is not None and picked_point[1] < share - land_within
+    return picked if topped > picked_point[0] and not must_land else genome
+
+
 def _save_state(out: Path | None, state: dict, model: torch.nn.Module | None = None) -> None:
     """Write the state; with ``model``, first the weights it starts from, so a cut never pairs a state with
     the weights of an earlier block."""
@@ -255,7 +268,8 @@ def smoea(request: PlanRequest) -> PruningPlan:
         feasible = [i for i in front if result.objectives[i][1] <= budget.fraction] or \
                    [i for i in range(len(result.objectives)) if result.objectives[i][1] <= budget.fraction]
         pick = min(feasible, key=lambda i: result.objectives[i]) if feasible else 0
-        genome = _fit_share(result.population[pick], evaluator, scores, budget.fraction)
+        genome = _choose(result.population[pick], result.objectives[pick] if feasible else None, evaluator, scores,
+                         budget.fraction, budget.tolerance if b == len(blocks) - 1 else None)
         accuracy, loss = evaluator.quality(genome)
         for name, m in evaluator.masks(genome).items():
             masks[name] = m.clone()
