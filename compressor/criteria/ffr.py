@@ -242,7 +242,8 @@ def ffr(request: PlanRequest) -> PruningPlan:
     ratios = {g: 1.0 - start[g] / graph.group(g).width for g in start}
     widths = solve_widths(graph, request.budget, ratios, request.round_to, request.max_ratio).widths
     report = {"epochs": epochs, "train_epochs": epochs, "penalty_compiled": compiled and bool(epochs),
-              "length_weight": length_w, "curvature_weight": curvature_w, "warmup_epochs": warmup, "score": score, "history": history, "near_zero_share": near_zero_share(scores),
+              "length_weight": length_w, "curvature_weight": curvature_w, "warmup_epochs": warmup, "score": score,
+              "history": history, "near_zero_share": near_zero_share(scores),
               "scores": {g: s.tolist() for g, s in scores.items()}, "threshold_widths": start, "widths": widths}
     if epochs and len(request.data.val_y):
         report["val_accuracy"] = evaluate(request.model, request.data, "val", request.device)

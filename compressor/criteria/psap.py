@@ -27,8 +27,9 @@ in the report), with the weights they had when masked.
 
 Each step trains with a cosine schedule at the fine-tuning rate, with the run's batch
 size and label smoothing. ``--from-scratch`` runs the same loop from the random
-initialisation (the pipeline skips dense training) at the dense learning rate. The final masks become a
-plan; surgery removes exactly the zeroed channels, so the result equals the masked model.
+initialisation (the pipeline skips dense training) at the dense learning rate. The final
+masks become a plan; surgery removes exactly the zeroed channels, so the result equals
+the masked model.
 """
 from __future__ import annotations
 

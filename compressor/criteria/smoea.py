@@ -35,8 +35,8 @@ start of the block in ``smoea-weights.pt``, written before the state that points
 them); ``--resume`` continues from it and, with the same seed, ends where an unbroken run
 ends. After the last block the whole model must keep the budget within its tolerance,
 or the run stops with a budget error. ``--max-ratio`` bounds only the reference
-allocation; the search itself may prune a group further. Fronts go to ``smoea-fronts.json`` and
-``smoea-fronts.png``.
+allocation; the search itself may prune a group further. Fronts go to
+``smoea-fronts.json`` and ``smoea-fronts.png``.
 """
 from __future__ import annotations
 
@@ -276,10 +276,10 @@ def smoea(request: PlanRequest) -> PruningPlan:
         masking.zero_masked(graph, masks)
         evaluations += evaluator.evaluations
         eval_seconds += evaluator.seconds
-        fronts.append({"block": block, "objective": objective, "front": [{"objective": result.objectives[i][0], "kept": result.objectives[i][1],
-                                                  "widths": {n: int(m.sum()) for n, m in
-                                                             evaluator.masks(result.population[i]).items()}}
-                                                 for i in sorted(front, key=lambda i: result.objectives[i][1])],
+        points = [{"objective": result.objectives[i][0], "kept": result.objectives[i][1],
+                   "widths": {n: int(m.sum()) for n, m in evaluator.masks(result.population[i]).items()}}
+                  for i in sorted(front, key=lambda i: result.objectives[i][1])]
+        fronts.append({"block": block, "objective": objective, "front": points,
                        "chosen": {"accuracy": accuracy, "loss": loss, "kept": evaluator.kept(genome),
                                   "widths": {n: int(m.sum()) for n, m in evaluator.masks(genome).items()}},
                        "history": result.history, "evaluations": result.evaluations,  # with any before a resume
