@@ -193,3 +193,23 @@ def test_top_up_is_kept_unless_it_hurts_and_the_budget_does_not_need_it(hurts, l
         assert chosen[7] and chosen[6] and evaluator.kept(chosen) == 0.75
     else:
         assert torch.equal(chosen, picked)
+
+
+def test_cli_resume_of_a_finished_search_keeps_its_plan(tmp_path, capsys):
+    from compressor.cli import main
+
+    out = tmp_path / "run"
+    args = ["run", "--dataset", "synthetic", "--method", "smoea", "--population", "4", "--generations", "1",
+            "--group-size", "2", "--search-samples", "32", "--step-epochs", "0",
+            "--finetune-epochs", "0", "--budget-params", "0.3"]
+    assert main(args + ["--epochs", "1", "--out", str(out)]) == 0
+    plan = (out / "plan.json").read_text()
+    assert (out / "smoea-fronts.json").is_file() and (out / "smoea-state.pt").is_file()
+    resume = args + ["--out", str(out), "--resume"]
+    assert main(resume) == 0  # nothing left to search: the same plan
+    assert (out / "plan.json").read_text() == plan
+    assert main(resume[:-3] + ["--resume"]) == 2
+    assert "--resume continues a run" in capsys.readouterr().err
+    assert main(args[:5] + ["--population", "2"]) == 2
+    assert "--population must be at least 4" in capsys.readouterr().err
+
