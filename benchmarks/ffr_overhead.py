@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from compressor import models
-from compressor.criteria.ffr import regularised
+from compressor.criteria.ffr import compile_penalty, regularised
 from compressor.pipeline import device_name, versions
 from compressor.train import autocast, pick_device, prepare
 
@@ -68,7 +68,7 @@ def steps(hooks) -> float:
     return (time.perf_counter() - start) / args.steps
 
 
-compiled = {"auto": None, "on": True, "off": False}[args.compile]
+compiled = compile_penalty(args.compile, model)
 with regularised(model, 0.01, 0.01, 0.0, compiled=compiled) as hooks:  # untimed: compiles, if it does
     steps(hooks)
 steps(None)
@@ -77,7 +77,6 @@ for _ in range(args.rounds):  # the compiled penalty is built once per process a
     plain.append(steps(None))
     with regularised(model, 0.01, 0.01, 0.0, compiled=compiled) as hooks:
         ffr.append(steps(hooks))
-compiled = device.type == "cuda" if compiled is None else compiled
 result = {"model": args.model, "input": shape, "batch_size": args.batch_size, "device": device_name(device),
           "penalty_compiled": compiled,
           "plain_step_s": statistics.median(plain), "ffr_step_s": statistics.median(ffr),

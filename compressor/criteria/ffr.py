@@ -158,13 +158,16 @@ def penalty(recorder: FlowRecorder, length_weight: float, curvature_weight: floa
     return terms
 
 
+def compile_penalty(setting: str, model: nn.Module) -> bool:
+    """``--ffr-compile``: ``on``, ``off``, or ``auto`` (compile where the model is on a GPU)."""
+    return setting == "on" or (setting == "auto" and next(model.parameters()).is_cuda)
+
+
 @contextlib.contextmanager
 def regularised(model: nn.Module, length_weight: float, curvature_weight: float, warmup: float,
-                compiled: bool | None = None):
-    """Training hooks adding the penalty; compiled by default on a GPU (CPU tests stay eager)."""
+                compiled: bool = False):
+    """Training hooks adding the penalty, compiled with ``torch.compile`` if ``compiled``."""
     recorder = FlowRecorder(model)
-    if compiled is None:
-        compiled = next(model.parameters()).is_cuda
     try:
         yield TrainHooks(penalty=penalty(recorder, length_weight, curvature_weight, warmup, compiled))
     finally:
@@ -228,8 +231,7 @@ def ffr(request: PlanRequest) -> PruningPlan:
     warmup, score = float(opts.get("ffr_warmup", 1.0)), opts.get("ffr_score", "bn")
     if epochs < 0 or length_w < 0 or curvature_w < 0 or warmup < 0:
         raise CompressorError("--ffr-epochs, --ffr-length, --ffr-curvature and --ffr-warmup must not be negative")
-    setting = opts.get("ffr_compile", "auto")
-    compiled = setting == "on" or (setting == "auto" and next(request.model.parameters()).is_cuda)
+    compiled = compile_penalty(opts.get("ffr_compile", "auto"), request.model)
     graph = request.traced()
     history = []
     if epochs:
