@@ -24,16 +24,32 @@ PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
 
 @dataclass
 class Group:
-    """Channels that live or die together. ``members`` lists (layer name, 'out' | 'in')."""
+    """Channels that live or die together. ``members`` lists (layer name, 'out' | 'in').
+
+    ``index[(layer, side)]`` says where the group's channels sit in that layer: entry ``c``
+    is the layer's own channel index of the group's channel ``c``. A layer after a
+    concatenation (DenseNet's BatchNorm) is wider than the group, and the group's channels
+    are a slice of it; a layer whose map Torch-Pruning did not give one-to-one is absent.
+    """
 
     name: str
     width: int
     root: nn.Module
     members: list[tuple[str, str]] = field(default_factory=list)
+    index: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
     @property
     def out_layers(self) -> list[str]:
         return [name for name, side in self.members if side == "out"]
+
+    def channels_in(self, layer: str, side: str = "out") -> torch.Tensor | None:
+        """The layer's channel indices of this group's channels 0..width-1, or None if not mapped."""
+        return self.index.get((layer, side))
+
+    def choose(self, scores: torch.Tensor, width: int) -> list[int]:
+        """The ``width`` highest-scoring channels, as a sorted list of indices."""
+        top = torch.topk(scores.detach().float().cpu(), k=width, sorted=False).indices
+        return sorted(top.tolist())
 
 
 @dataclass
@@ -132,17 +148,32 @@ def trace(model: nn.Module, example_inputs: torch.Tensor, ignored_layers: Iterab
     order = {n: i for i, n in enumerate(names.values())}
     groups = []
     for tp_group in dg.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_TYPES):
-        members = []
-        for dep, _ in tp_group:
-            module = dep.target.module
+        width = len(tp_group[0].idxs)
+        members, index = [], {}
+        for item in tp_group:
+            module = item.dep.target.module
             if module in names:
-                side = "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"
-                members.append((names[module], side))
+                side = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
+                key = (names[module], side)
+                if key not in index:
+                    members.append(key)
+                    index[key] = _layer_index(item, width)
         outs = [n for n, side in members if side == "out" and isinstance(model.get_submodule(n), PRUNABLE_TYPES)]
         root = tp_group[0].dep.target.module
-        groups.append(Group(min(outs, key=order.__getitem__), len(tp_group[0].idxs), root, members))
+        mapped = {k: v for k, v in index.items() if v is not None}
+        groups.append(Group(min(outs, key=order.__getitem__), width, root, members, mapped))
     groups.sort(key=lambda g: order[g.name])
     return Graph(model, example_inputs, dg, groups)
+
+
+def _layer_index(item, width: int) -> torch.Tensor | None:
+    """Layer channel index of each group channel, from a Torch-Pruning group item's (idxs, root_idxs)."""
+    idxs, roots = list(item.idxs), list(getattr(item, "root_idxs", None) or item.idxs)
+    if len(idxs) != width or len(roots) != width or sorted(roots) != list(range(width)):
+        return None
+    index = torch.empty(width, dtype=torch.long)
+    index[torch.tensor(roots, dtype=torch.long)] = torch.tensor([int(i) for i in idxs], dtype=torch.long)
+    return index
 
 
 def is_channels_last(model: nn.Module) -> bool:
