@@ -83,10 +83,16 @@ class CostModel:
         return {"macs": macs / self.dense[0], "params": params / self.dense[1]}
 
 
-def allowed_widths(full: int, round_to: int, max_ratio: float) -> list[int]:
-    """Widths a group may take: multiples of round_to, at least (1 - max_ratio) of full, and full itself."""
+def allowed_widths(full: int, round_to: int, max_ratio: float, group=None) -> list[int]:
+    """Widths a group may take: multiples of round_to, at least (1 - max_ratio) of full, and full itself.
+
+    With the traced ``group`` (surgery.Group), only widths its grouped convs allow
+    (``group.legal_widths()``, e.g. multiples of the conv's groups): multiples of the lcm
+    with round_to. When none fits, the group stays at full width.
+    """
     floor = full * (1.0 - max_ratio)
-    widths = [w for w in range(round_to, full + 1, round_to) if w >= floor - 1e-9]
+    legal = group.legal_widths() if group is not None else range(round_to, full + 1, round_to)
+    widths = [w for w in legal if w % round_to == 0 and w >= floor - 1e-9]
     if full not in widths:
         widths.append(full)
     return widths
@@ -114,7 +120,7 @@ def solve_widths(
     model_cost = CostModel(graph)
     full = model_cost.full
     ratios = {g: 1.0 for g in full} if ratios is None else {g: max(0.0, float(ratios.get(g, 0.0))) for g in full}
-    choices = {g: allowed_widths(w, round_to, max_ratio) for g, w in full.items()}
+    choices = {g.name: allowed_widths(g.width, round_to, max_ratio, g) for g in graph.groups}
 
     def frac(widths):
         return model_cost.fractions(widths)[budget.metric]
@@ -209,7 +215,8 @@ def _nudge(widths, choices, frac, target, tolerance, ideal):
 
 def _measure(graph: Graph, widths: dict[str, int], dense: Cost) -> dict[str, float]:
     """Fractions by Torch-Pruning's counter on a pruned copy (which channels go does not matter)."""
-    pruned = count(pruned_copy(graph.model, PruningPlan.first_channels(widths), graph.example_inputs), graph.example_inputs)
+    pruned = count(pruned_copy(graph.model, PruningPlan.first_channels(widths, graph), graph.example_inputs),
+                   graph.example_inputs)
     return pruned.fraction_of(dense)
 
 

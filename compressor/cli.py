@@ -43,8 +43,10 @@ def _run_parser(sub) -> None:
     g.add_argument("--damage", default="zero", choices=["zero", "noise"], help="zero lowest-L1 filters, or add noise")
     p.add_argument("--from-scratch", action="store_true",
                    help="skip dense training; psap/ffr train from the random initialisation")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (smoea: from its "
-                   "last saved generation)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last saved "
+                   "epoch (smoea: generation), with the run's own settings")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also save training progress every N steps inside an epoch (default 0: at epoch ends only)")
     g = p.add_argument_group("steps (sensitivity, psap)")
     g.add_argument("--steps", type=int, help="prune / train steps (default: sensitivity 1, psap 3)")
     g.add_argument("--step-epochs", type=int, help="training epochs in each step, and smoea's between groups (default 1)")
@@ -136,6 +138,9 @@ def cmd_analyze(args, _argv) -> None:
     from .pipeline import RunConfig, criterion_options
     from .train import pick_device
 
+    # the numbers first (levels, validation share, seed), before the checkpoint or any data is read
+    options = RunConfig(levels=args.levels, damage=args.damage, val_fraction=args.val_fraction, seed=args.seed)
+    levels = criterion_options(options.validate())["levels"]
     source = Path(args.source)
     ckpt = source / "dense.pt" if source.is_dir() else source
     model, spec = checkpoint.load(ckpt, with_spec=True)
@@ -143,7 +148,6 @@ def cmd_analyze(args, _argv) -> None:
     device = pick_device(args.device)
     model.to(device)
     graph = surgery.trace(model, data.example_inputs(device=device))
-    levels = criterion_options(RunConfig(levels=args.levels))["levels"]
     analysis = analyze(model, graph, data, device, levels, args.damage, seed=args.seed)
     out = Path(args.out) if args.out else (source if source.is_dir() else ckpt.parent)
     for path in write_analysis(analysis, out):
@@ -169,19 +173,29 @@ def _bench_kwargs(args) -> dict:
 
 
 def cmd_run(args, argv) -> None:
-    from .bench.run import bench
+    from .bench import backends
+    from .bench.run import bench, check_options as check_bench
     from .export import parse_formats
-    from .export.run import export
+    from .export.run import check_options as check_export, export
+    from .train import pick_device
 
     metric, fraction = ("params", args.budget_params) if args.budget_params is not None else ("macs", args.budget_macs)
-    formats = parse_formats(args.export)  # a typo in --export fails before training, not after
+    fields = {k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__}
+    config = RunConfig(**fields, budget_metric=metric, budget=0.5 if fraction is None else fraction,
+                       argv=["compress", *argv])
+    # every mistake the export and benchmark after the run would meet stops now, not after training
+    config.validate()
+    formats = parse_formats(args.export)
+    check_export(args.trt_precision, args.opset, args.min_batch, args.opt_batch, args.max_batch, args.workspace_gib)
+    check_bench(args.batch_sizes, args.warmup, args.min_iters, args.min_seconds)
+    if args.bench:
+        device = pick_device(args.device)
+        backends.check_precision(args.precision, device)
+        backends.parse_backends(args.backends, device)
     if "trt" in formats:
         from .export import tensorrt
 
         tensorrt.require()
-    fields = {k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__}
-    config = RunConfig(**fields, budget_metric=metric, budget=0.5 if fraction is None else fraction,
-                       argv=["compress", *argv])
     metrics = run(config)
     out = metrics["out"]
     if formats:
@@ -213,17 +227,46 @@ def cmd_inspect(args, _argv) -> None:
 
 COMMANDS = {"run": cmd_run, "export": cmd_export, "bench": cmd_bench, "analyze": cmd_analyze, "inspect": cmd_inspect}
 
+EPILOG = """\
+Options without a command mean `run`: `compress --method ffr --export trt`
+is `compress run --method ffr --export trt`.
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="compress", description="Structured pruning of CNNs, measured.")
-    sub = parser.add_subparsers(dest="command", required=True)
+start here:
+  compress run                 prune Conv-4 on the bundled digits to half its MACs (a minute on a CPU)
+  compress run --model vgg16 --dataset cifar10 --budget-macs 0.5 --out runs/vgg16
+  compress export runs/vgg16 --formats onnx,trt
+  compress bench runs/vgg16 --backends eager,ort
+  compress COMMAND --help      every option of a command
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compress", description="Structured pruning of CNNs, measured.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     _run_parser(sub)
     _export_parser(sub)
     _bench_parser(sub)
     _analyze_parser(sub)
     _inspect_parser(sub)
-    args = parser.parse_args(argv)
+    parser.usage = "%(prog)s [COMMAND] [options]   (COMMAND: run, export, bench, analyze, inspect; default run)"
+    return parser
+
+
+def with_command(argv: list[str]) -> list[str]:
+    """``argv`` with ``run`` in front when it starts with an option other than --help: the default command."""
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        return ["run", *argv]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv:  # bare `compress`: what there is to do, and the first command to try
+        parser.print_help()
+        return 0
+    args = parser.parse_args(with_command(argv))
     try:
         COMMANDS[args.command](args, argv)
     except CompressorError as exc:

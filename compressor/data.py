@@ -86,6 +86,8 @@ def from_tensors(name: str, train_x, train_y, test_x, test_y, classes, val_fract
     that image folders give, so that any prefix of them (SMOEA's ``--search-samples``, the
     export check's batch) is a fair sample of every class.
     """
+    if not 0.0 <= val_fraction < 1.0:  # NaN fails this too
+        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     n_val = int(round(len(train_y) * val_fraction))
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = order[:n_val], order[n_val:].sort().values
@@ -267,9 +269,17 @@ class DeviceBatches:
         return (len(self.y) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
+        return self.iterate(self.epoch_order())
+
+    def epoch_order(self) -> torch.Tensor | None:
+        """This epoch's shuffled order (None: in order, for evaluation); draws from the generator."""
+        return torch.randperm(len(self.y), device=self.x.device, generator=self.generator) if self.train else None
+
+    def iterate(self, order: torch.Tensor | None, first_batch: int = 0):
+        """Batches in ``order`` from batch ``first_batch`` on: a resumed epoch continues where it stopped
+        (with the generator's state restored, its crops and flips are the unbroken epoch's)."""
         n = len(self.y)
-        order = torch.randperm(n, device=self.x.device, generator=self.generator) if self.train else None
-        for start in range(0, n, self.batch_size):
+        for start in range(first_batch * self.batch_size, n, self.batch_size):
             idx = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
             x, y = self.x[idx], self.y[idx]
             if self.padding:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        failpoint(f"rename-{path.name}")  # a kill here leaves the complete temporary file behind
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -30,3 +32,19 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, data) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+_hits: dict[str, int] = {}
+
+
+def failpoint(name: str) -> None:
+    """A test hook: SIGKILL this process at the named point when ``COMPRESSOR_KILL_AT`` is ``name``
+    (or ``name@N``, at its N-th pass). The resume tests cut a run there, as a reclaimed machine would."""
+    wanted = os.environ.get("COMPRESSOR_KILL_AT")
+    if not wanted or not wanted.startswith(name):
+        return
+    target, _, count = wanted.partition("@")
+    if target == name:
+        _hits[name] = _hits.get(name, 0) + 1
+        if _hits[name] >= int(count or 1):
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -2,30 +2,85 @@
 
 A masked channel has its output rows zeroed in every layer that produces it (conv/linear
 weights and biases, BatchNorm scales and shifts), so its activation is exactly zero and
-removing it later changes nothing. ``hooks`` keeps it at zero while training: masked
+removing it later changes nothing (except across a LayerNorm over channels, whose statistics
+count the zeroed channels: ConvNeXt). ``carriers`` says which tensors carry a group's
+channels and where (a layer after a concatenation is wider than the group); every masking
+criterion asks it. ``hooks`` keeps masked channels at zero while training: masked
 gradients are cleared before the optimizer step (so momentum and weight decay have
 nothing to act on) and the rows are zeroed again after it, as a guard.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from .plan import PruningPlan
-from .surgery import PRUNABLE_TYPES, Graph, Group
+from .surgery import Graph, Group
 from .train import TrainHooks
 
 _BN = nn.modules.batchnorm._BatchNorm
+# layers whose weight (and bias) rows are their output channels; a transposed conv keeps them in dim 1: not here
+_CARRIERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+             nn.GroupNorm)
+
+
+@dataclass(frozen=True, eq=False)
+class Carrier:
+    """One tensor that carries a group's channels: ``tensor[index[c]]`` is the row of the group's channel ``c``."""
+
+    layer: str
+    module: nn.Module
+    tensor: torch.Tensor
+    index: torch.Tensor  # layer-local channel indices (Group.channels_in), on the tensor's device
+
+
+def carriers(graph: Graph, group: Group) -> list[Carrier]:
+    """The answer to "which tensors carry this group's channels, and where": the weights and biases of
+    every layer that produces them (conv/linear rows, BatchNorm, LayerNorm and GroupNorm affine params).
+
+    A layer after a concatenation is wider than the group (DenseNet's BatchNorm), so each carrier
+    comes with the layer's own indices of the group's channels. A layer Torch-Pruning mapped to no
+    one-to-one index is taken as the group's width when it is exactly that wide, else left out.
+    """
+    found = []
+    for name, side in group.members:
+        module = graph.module(name)
+        if side != "out" or not isinstance(module, _CARRIERS):
+            continue
+        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+            continue  # a norm over (C, H, W) has no per-channel rows
+        for t in (getattr(module, "weight", None), getattr(module, "bias", None)):
+            if not isinstance(t, torch.Tensor) or t.dim() == 0:
+                continue
+            index = group.channels_in(name, "out")
+            if index is None:
+                if t.shape[0] != group.width:
+                    continue
+                index = torch.arange(group.width)
+            found.append(Carrier(name, module, t, index.to(t.device)))
+    return found
+
+
+def channel_dim(module: nn.Module) -> int:
+    """The dimension of a layer's output (and input) that holds its channels.
+
+    nn.Linear and a plain nn.LayerNorm act on the last dimension (ConvNeXt's layers after a
+    Permute keep channels last); everything else, including a LayerNorm subclass with its own
+    forward (torchvision's LayerNorm2d permutes inside and returns NCHW), uses dimension 1.
+    """
+    if isinstance(module, nn.Linear):
+        return -1
+    if isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward:
+        return -1
+    return 1
 
 
 def channel_params(graph: Graph, group: Group) -> list[torch.Tensor]:
-    """Parameters whose first dimension indexes ``group``'s channels (the layers producing them)."""
-    params = []
-    for name, side in group.members:
-        module = graph.module(name)
-        if side == "out" and isinstance(module, PRUNABLE_TYPES + (_BN,)):
-            params += [t for t in (module.weight, module.bias) if t is not None]
-    return params
+    """The group's rows of each carrier (copies, for reading: ``t[c]`` is the group's channel ``c``).
+    To write, use :func:`carriers`."""
+    return [c.tensor.detach()[c.index] for c in carriers(graph, group)]
 
 
 def full_masks(graph: Graph) -> dict[str, torch.Tensor]:
@@ -38,27 +93,27 @@ def zero_masked(graph: Graph, masks: dict[str, torch.Tensor]) -> None:
     for group in graph.groups:
         drop = ~masks[group.name]
         if drop.any():
-            for t in channel_params(graph, group):
-                t[drop.to(t.device)] = 0
+            for c in carriers(graph, group):
+                c.tensor[c.index[drop.to(c.index.device)]] = 0
 
 
 def hooks(graph: Graph, masks: dict[str, torch.Tensor]) -> TrainHooks:
     """Training hooks that keep masked channels at exactly zero."""
-    pairs = []
+    pairs = []  # (tensor, its rows to hold at zero)
     for group in graph.groups:
         drop = ~masks[group.name]
         if drop.any():
-            pairs += [(t, drop.to(t.device)) for t in channel_params(graph, group)]
+            pairs += [(c.tensor, c.index[drop.to(c.index.device)]) for c in carriers(graph, group)]
 
     def clear_grads():
-        for t, drop in pairs:
+        for t, rows in pairs:
             if t.grad is not None:
-                t.grad[drop] = 0
+                t.grad[rows] = 0
 
     @torch.no_grad()
     def rezero():
-        for t, drop in pairs:
-            t[drop] = 0
+        for t, rows in pairs:
+            t[rows] = 0
 
     return TrainHooks(after_backward=clear_grads, after_step=rezero)
 

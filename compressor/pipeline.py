@@ -6,6 +6,7 @@ It writes a run directory: ``dense.pt`` and ``pruned.pt`` (see checkpoint.py),
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -20,6 +21,7 @@ from . import checkpoint, criteria, data as datasets, models, surgery
 from .budget import Budget
 from .errors import CompressorError
 from .files import write_json, write_text
+from .resume import STATE_DIR, RunState
 from .train import TrainConfig, evaluate, fit, pick_device
 
 @dataclass
@@ -50,7 +52,8 @@ class RunConfig:
     steps: int | None = None  # sensitivity (default 1) and psap (default 3): prune / train steps
     step_epochs: int | None = None  # training epochs inside a criterion's steps (default 1)
     from_scratch: bool = False  # no dense training: a training criterion starts from random weights
-    resume: bool = False  # continue an interrupted run in --out (from its dense.pt and the criterion's state)
+    resume: bool = False  # continue an interrupted run in --out from its last saved progress
+    checkpoint_every: int = 0  # also save training progress every N steps inside an epoch (0: at epoch ends)
     psap_threshold: float = 0.5
     protect_z: float = 2.0
     ffr_length: float = 0.01
@@ -67,6 +70,51 @@ class RunConfig:
     objective: str = "accuracy"
     search_samples: int = 2048
     argv: list[str] = field(default_factory=list)
+
+    def validate(self) -> RunConfig:
+        """Refuse a bad number or name with one clear CompressorError; ``run`` calls this before anything else.
+
+        Numbers must be finite (no NaN or inf), whole where they count things, and in range, so the
+        CLI and the API refuse the same inputs with the same words, before any data is read.
+        """
+        from .checks import choice, number
+        from .train import SCHEDULES
+
+        number("--epochs", self.epochs, integer=True, low=0, optional=True)
+        number("--finetune-epochs", self.finetune_epochs, integer=True, low=0)
+        number("--lr", self.lr, low=0, low_open=True)
+        number("--finetune-lr", self.finetune_lr, low=0, low_open=True)
+        number("--batch-size", self.batch_size, integer=True, low=1)
+        number("--label-smoothing", self.label_smoothing, low=0, high=1, high_open=True)
+        number("--val-fraction", self.val_fraction, low=0, high=1, high_open=True)
+        number("--max-ratio", self.max_ratio, low=0, high=1, low_open=True, high_open=True)
+        number("--round-to", self.round_to, integer=True, low=1)
+        number("--seed", self.seed, integer=True, low=0, high=2**32 - 1)
+        number("--checkpoint-every", getattr(self, "checkpoint_every", 0), integer=True, low=0)
+        if self.budget_metric in ("macs", "params"):
+            number(f"--budget-{self.budget_metric}", self.budget, low=0, high=1, low_open=True)
+        Budget(self.budget_metric, self.budget)  # the metric's name
+        choice("--schedule", self.schedule, SCHEDULES)
+        choice("--damage", self.damage, ("zero", "noise"))
+        for flag, value, least, optional in (
+                ("--steps", self.steps, 1, True), ("--step-epochs", self.step_epochs, 0, True),
+                ("--population", self.population, 4, False), ("--generations", self.generations, 0, False),
+                ("--group-size", self.group_size, 1, False), ("--search-samples", self.search_samples, 1, False),
+                ("--ffr-epochs", self.ffr_epochs, 0, False)):
+            number(flag, value, integer=True, low=least, optional=optional)
+        for flag, value in (("--ffr-length", self.ffr_length), ("--ffr-curvature", self.ffr_curvature),
+                            ("--ffr-warmup", self.ffr_warmup), ("--protect-z", self.protect_z)):
+            number(flag, value, low=0)
+        number("--psap-threshold", self.psap_threshold, low=0, high=1, low_open=True, high_open=True)
+        number("--mutation", self.mutation, low=0, high=1, optional=True)
+        if not isinstance(self.levels, str):
+            raise CompressorError(f"--levels takes numbers separated by commas, not {self.levels!r}")
+        levels = criterion_options(self)["levels"]  # also checks the criteria's names (crossover, objective, ...)
+        if not levels:
+            raise CompressorError("--levels needs at least one damage level in (0, 1)")
+        for level in levels:
+            number("--levels", level, low=0, high=1, low_open=True, high_open=True)
+        return self
 
 
 def default_out(config: RunConfig) -> Path:
@@ -121,8 +169,20 @@ def device_name(device: torch.device) -> str:
 
 def run(config: RunConfig) -> dict:
     """Run the whole job and return the metrics it wrote to ``metrics.json``."""
+    config.validate()  # every number and name, before any data is read or any epoch is spent
     t0 = time.perf_counter()
-    seconds: dict[str, float] = {}
+    saved_config = None
+    if config.resume:
+        if not config.out:
+            raise CompressorError("--resume continues a run: give its --out")
+        if (Path(config.out) / "metrics.json").is_file():
+            print(f"{config.out} holds a finished run (metrics.json); nothing to resume")
+            return json.loads((Path(config.out) / "metrics.json").read_text())
+        saved_config = _saved_config(Path(config.out))
+        if saved_config is None:
+            print(f"--resume: nothing saved in {config.out}; starting the run from the beginning")
+        else:
+            config = _resumed(config, saved_config)
     # Fail fast on names and numbers, before any data is read or any epoch is spent.
     budget = Budget(config.budget_metric, config.budget)
     if config.method not in criteria.available():
@@ -132,10 +192,8 @@ def run(config: RunConfig) -> dict:
     if config.from_scratch and config.method not in criteria.from_scratch_methods():
         raise CompressorError(f"--from-scratch needs a criterion that trains from random weights "
                               f"({', '.join(criteria.from_scratch_methods())}), not {config.method}")
-    if config.resume:
-        if not config.out or not (Path(config.out) / "dense.pt").is_file():
-            raise CompressorError("--resume continues a run: give its --out, which must hold the run's dense.pt")
-        config = replace(config, checkpoint=str(Path(config.out) / "dense.pt"), epochs=0, overwrite=True)
+    if config.checkpoint_every < 0:
+        raise CompressorError(f"--checkpoint-every must be at least 0, got {config.checkpoint_every}")
     if config.checkpoint is None:
         models.resolve(config.model)
     elif not Path(config.checkpoint).is_file():
@@ -145,7 +203,26 @@ def run(config: RunConfig) -> dict:
     options = criterion_options(config)
     device = pick_device(config.device)
     out = Path(config.out) if config.out else default_out(config)
-    prepare_out(out, config.overwrite)
+    prepare_out(out, config.overwrite or config.resume)
+    state = RunState(out, config.checkpoint_every)
+    state.lock()
+    try:
+        if saved_config is None:  # a fresh run forgets any earlier one's progress
+            state.clear()
+            write_json(state.dir / RUN_JSON, _comparable(config))
+        left = state.remove_partials()
+        if left:
+            print(f"removed {len(left)} unfinished file(s) of an interrupted process: {', '.join(p.name for p in left)}")
+        metrics = _run(config, out, state, options, budget, device, t0, resumed=saved_config is not None)
+        state.close(finished=True)
+    finally:
+        state.close(finished=False)
+    return metrics
+
+
+def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: Budget, device: torch.device,
+         t0: float, resumed: bool) -> dict:
+    seconds: dict[str, float] = {}
     torch.manual_seed(config.seed)
 
     stage = time.perf_counter()
@@ -155,13 +232,18 @@ def run(config: RunConfig) -> dict:
           f"{data.num_classes} classes, input {data.input_shape}")
 
     if config.checkpoint:
-        model, spec = checkpoint.load(config.checkpoint, with_spec=True)
-        if spec.input_shape != data.input_shape or spec.num_classes != data.num_classes:
+        # a compressor checkpoint carries its architecture; a plain state_dict is for --model
+        model, spec = checkpoint.load_for_run(config.checkpoint, config.model, data.num_classes, data.input_shape[0])
+        if spec is None:
+            model_name = config.model
+            kwargs = models.factory_kwargs(model_name, data.num_classes, data.input_shape[0])
+        elif spec.input_shape != data.input_shape or spec.num_classes != data.num_classes:
             raise CompressorError(
                 f"{config.checkpoint} expects input {spec.input_shape} and {spec.num_classes} classes; "
                 f"{data.name} gives {data.input_shape} and {data.num_classes}"
             )
-        model_name, kwargs = spec.model, spec.factory_kwargs
+        else:
+            model_name, kwargs = spec.model, spec.factory_kwargs
     else:
         model_name = config.model
         kwargs = models.factory_kwargs(model_name, data.num_classes, data.input_shape[0])
@@ -177,14 +259,14 @@ def run(config: RunConfig) -> dict:
     train_cfg = TrainConfig(epochs, config.lr, config.batch_size, schedule=config.schedule,
                             label_smoothing=config.label_smoothing, seed=config.seed)
     stage = time.perf_counter()
-    history = fit(model, data, train_cfg, device, desc="train")
+    history = fit(model, data, train_cfg, device, desc="train", state=state.stage("train"))
     seconds["train"] = time.perf_counter() - stage
     acc = {"dense": {"val": evaluate(model, data, "val", device), "test": evaluate(model, data, "test", device)}}
     checkpoint.save(model, spec_of(model), out / "dense.pt")
 
     stage = time.perf_counter()
     request = criteria.PlanRequest(model, graph.example_inputs, budget, config.round_to, config.max_ratio,
-                                   config.seed, data, device, graph, options=options, out_dir=out)
+                                   config.seed, data, device, graph, options=options, out_dir=out, state=state)
     plan = criteria.make_plan(config.method, request)
     seconds["plan"] = time.perf_counter() - stage
     write_text(out / "plan.json", plan.to_json() + "\n")
@@ -200,7 +282,7 @@ def run(config: RunConfig) -> dict:
     stage = time.perf_counter()
     ft_cfg = TrainConfig(config.finetune_epochs, config.finetune_lr, config.batch_size, schedule="cosine",
                          label_smoothing=config.label_smoothing, seed=config.seed + 1)
-    ft_history = fit(model, data, ft_cfg, device, desc="finetune")
+    ft_history = fit(model, data, ft_cfg, device, desc="finetune", state=state.stage("finetune"))
     seconds["finetune"] = time.perf_counter() - stage
     acc["finetuned"] = acc["pruned"] if not ft_history else {
         "val": evaluate(model, data, "val", device), "test": evaluate(model, data, "test", device)}
@@ -209,6 +291,7 @@ def run(config: RunConfig) -> dict:
 
     metrics = {
         "status": "complete",
+        "resumed": resumed,  # if so, wall times count only the last process
         "out": str(out),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": config.argv or None,
@@ -232,6 +315,43 @@ def run(config: RunConfig) -> dict:
     write_json(out / "metrics.json", metrics)
     print(summary(metrics, out))
     return metrics
+
+
+RUN_JSON = "run.json"
+_NOT_SETTINGS = ("resume", "overwrite", "argv", "out")
+
+
+def _comparable(config: RunConfig) -> dict:
+    """The settings that define a run (what a resume must share with it)."""
+    return {k: v for k, v in asdict(config).items() if k not in _NOT_SETTINGS}
+
+
+def _saved_config(out: Path) -> dict | None:
+    path = out / STATE_DIR / RUN_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise CompressorError(f"{path} is damaged ({exc}); start the run afresh with --overwrite") from None
+
+
+def _resumed(config: RunConfig, saved: dict) -> RunConfig:
+    """The interrupted run's settings. An option left at its default takes the saved value; one given
+    with another value than the run had is refused (the result would be neither run)."""
+    defaults = RunConfig()
+    clashes, merged = [], {}
+    for name, was in saved.items():
+        if name not in RunConfig.__dataclass_fields__:
+            continue
+        now = getattr(config, name)
+        if now != getattr(defaults, name) and now != was:
+            clashes.append(f"--{name.replace('_', '-')} {now} (the run had {was})")
+        merged[name] = was
+    if clashes:
+        raise CompressorError("--resume continues the interrupted run with its own settings; these differ: "
+                              + "; ".join(clashes))
+    return replace(config, **merged)
 
 
 def criterion_options(config: RunConfig) -> dict:

@@ -19,8 +19,14 @@ class PruningPlan:
     keep: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
-    def from_scores(cls, scores: dict[str, torch.Tensor], widths: dict[str, int]) -> "PruningPlan":
-        """Keep the ``widths[g]`` highest-scoring channels of each group ``g``."""
+    def from_scores(cls, scores: dict[str, torch.Tensor], widths: dict[str, int], graph=None) -> "PruningPlan":
+        """Keep the ``widths[g]`` highest-scoring channels of each group ``g``.
+
+        Pass the traced ``graph`` (surgery.Graph) on models with grouped convs: its groups'
+        ``choose`` picks the best *legal* set; without it the choice is plain top-k.
+        """
+        if graph is not None:
+            return cls({name: graph.group(name).choose(scores[name], width) for name, width in widths.items()})
         keep = {}
         for name, width in widths.items():
             score = scores[name].detach().float().cpu()
@@ -29,8 +35,14 @@ class PruningPlan:
         return cls(keep)
 
     @classmethod
-    def first_channels(cls, widths: dict[str, int]) -> "PruningPlan":
-        """Keep the first ``widths[g]`` channels: the shape of a pruned model, with no choice of which."""
+    def first_channels(cls, widths: dict[str, int], graph=None) -> "PruningPlan":
+        """Keep the first ``widths[g]`` channels: the shape of a pruned model, with no choice of which.
+
+        With ``graph``, the first *legal* channels (a grouped conv may need some from each group).
+        """
+        if graph is not None:
+            full = graph.widths()
+            return cls.from_scores({n: -torch.arange(full[n], dtype=torch.float) for n in widths}, widths, graph)
         return cls({name: list(range(width)) for name, width in widths.items()})
 
     def widths(self) -> dict[str, int]:

@@ -37,6 +37,15 @@ class Group:
     root: nn.Module
     members: list[tuple[str, str]] = field(default_factory=list)
     index: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    # Grouped-conv constraints (see _constrain): "free", "units" (drop whole units only),
+    # "blocks" (keep as many in each block) or "fixed" (no channel may go).
+    mode: str = "free"
+    units: list[list[int]] = field(default_factory=list)
+    fixed: list[int] = field(default_factory=list)
+    blocks: list[list[int]] = field(default_factory=list)
+    partitions: list[list[list[int]]] = field(default_factory=list)
+    forbidden: set[int] = field(default_factory=set)  # widths that would turn a grouped conv "depthwise"
+    reason: str = ""
 
     @property
     def out_layers(self) -> list[str]:
@@ -46,10 +55,77 @@ class Group:
         """The layer's channel indices of this group's channels 0..width-1, or None if not mapped."""
         return self.index.get((layer, side))
 
+    def legal_widths(self) -> list[int]:
+        """Every width a legal keep set of this group can have, ascending."""
+        return [w for w in self._widths() if w not in self.forbidden or w == self.width]
+
+    def _widths(self) -> list[int]:
+        if self.mode == "free":
+            return list(range(1, self.width + 1))
+        if self.mode == "fixed":
+            return [self.width]
+        if self.mode == "blocks":
+            size, least = len(self.blocks[0]), self._least_per_block()
+            return [len(self.blocks) * k for k in range(max(1, least), size + 1)]
+        reach = 1  # bitset of subset sums of unit sizes
+        for unit in self.units:
+            reach |= reach << len(unit)
+        return [len(self.fixed) + n for n in range(self.width + 1) if reach >> n & 1 and len(self.fixed) + n >= 1]
+
+    def _least_per_block(self) -> int:
+        fixed = set(self.fixed)
+        return max(sum(c in fixed for c in block) for block in self.blocks)
+
+    def check(self, keep: Iterable[int]) -> str | None:
+        """Why ``keep`` would give a wrong model (grouped convs), or None when it is legal."""
+        keep = set(keep)
+        if len(keep) in self.forbidden and len(keep) != self.width:
+            return (f"{self.name!r} cannot keep {len(keep)} channels: a grouped conv with as many outputs as groups "
+                    f"would be taken for a depthwise one ({self.reason})")
+        if self.mode == "fixed" and len(keep) != self.width:
+            return f"no channel of {self.name!r} can be removed ({self.reason})"
+        lost = [c for c in self.fixed if c not in keep]
+        if lost:
+            return f"{self.name!r} must keep channels {lost[:8]} ({self.reason})"
+        for unit in self.units:
+            kept = sum(c in keep for c in unit)
+            if 0 < kept < len(unit):
+                return (f"{self.name!r} must keep or drop channels {unit[:8]} together: they sit at the same "
+                        f"position of every group of a grouped conv ({self.reason})")
+        for blocks in self.partitions:
+            counts = [sum(c in keep for c in block) for block in blocks]
+            if len(set(counts)) > 1:
+                return (f"{self.name!r} must keep as many channels in each of a grouped conv's {len(blocks)} "
+                        f"groups; this plan keeps {counts} ({self.reason})")
+        return None
+
     def choose(self, scores: torch.Tensor, width: int) -> list[int]:
-        """The ``width`` highest-scoring channels, as a sorted list of indices."""
-        top = torch.topk(scores.detach().float().cpu(), k=width, sorted=False).indices
-        return sorted(top.tolist())
+        """The best legal ``width`` channels (highest total score), as a sorted list of indices.
+
+        Grouped convs restrict which sets are legal (see :func:`_constrain`), so every
+        criterion turns scores into channels here.
+        """
+        scores = scores.detach().float().cpu()
+        if width not in self.legal_widths():
+            legal = self.legal_widths()
+            raise CompressorError(f"group {self.name!r} cannot keep {width} of {self.width} channels; "
+                                  f"legal widths: {legal[:12]}{' ...' if len(legal) > 12 else ''} ({self.reason})")
+        if self.mode == "free":
+            top = torch.topk(scores, k=width, sorted=False).indices
+            return sorted(top.tolist())
+        if self.mode == "fixed":
+            return list(range(self.width))
+        keep = set(self.fixed)
+        if self.mode == "blocks":
+            per = width // len(self.blocks)
+            for block in self.blocks:
+                have = [c for c in block if c in keep]
+                rest = sorted((c for c in block if c not in keep), key=lambda c: -float(scores[c]))
+                keep.update(rest[: per - len(have)])
+            return sorted(keep)
+        for unit in _best_units(self.units, scores, width - len(self.fixed)):
+            keep.update(unit)
+        return sorted(keep)
 
 
 @dataclass
@@ -83,6 +159,7 @@ def _tracking_modules(model: nn.Module, record: dict):
     names = {m: n for n, m in model.named_modules()}
     stack: list[str] = []
     record.setdefault("outputs", [])
+    record["stack"] = stack  # the modules running now, innermost last
 
     def pre(module, _inputs):
         stack.append(names.get(module, "?"))
@@ -129,16 +206,39 @@ def _eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def autograd_on():
+    """Torch-Pruning traces through autograd, and pruned weights must be ordinary tensors.
+
+    Inference services load models under ``torch.no_grad()`` or ``torch.inference_mode()``;
+    inside this context tracing, surgery and building work the same as outside.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
 def trace(model: nn.Module, example_inputs: torch.Tensor, ignored_layers: Iterable[nn.Module] = ()) -> Graph:
     """Build the dependency graph and list the prunable groups (the output layer is never pruned)."""
     record: dict = {}
-    with _eval_mode(model):
+    if any(p.is_inference() for p in model.parameters()):
+        raise TraceError(f"{type(model).__name__} was created under torch.inference_mode(), so autograd (which "
+                         "Torch-Pruning traces through) cannot use its weights; build it outside inference mode")
+    with _eval_mode(model), autograd_on():
+        if example_inputs.is_inference():
+            example_inputs = example_inputs.clone()  # outside inference mode: an ordinary tensor
         try:
             with _tracking_modules(model, record):
                 ignored = list(ignored_layers) + _output_layers(model, example_inputs)
                 record["failed_in"] = None
                 dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
         except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one clear message
+            shuffle = _channel_shuffle(model, example_inputs)
+            if shuffle is not None:
+                raise TraceError(
+                    f"Torch-Pruning cannot trace {type(model).__name__}: it shuffles channels{shuffle} (a reshape of "
+                    "the channel dimension into groups followed by a transpose), which its dependency graph cannot "
+                    "follow, so channels cannot be coupled safely; ShuffleNet-style models cannot be pruned here"
+                ) from exc
             where = record.get("failed_in")
             layer = f" in layer {where!r}" if where else ""
             raise TraceError(
@@ -162,8 +262,139 @@ def trace(model: nn.Module, example_inputs: torch.Tensor, ignored_layers: Iterab
         root = tp_group[0].dep.target.module
         mapped = {k: v for k, v in index.items() if v is not None}
         groups.append(Group(min(outs, key=order.__getitem__), width, root, members, mapped))
+        _constrain(model, groups[-1])
     groups.sort(key=lambda g: order[g.name])
     return Graph(model, example_inputs, dg, groups)
+
+
+def _channel_shuffle(model: nn.Module, example_inputs: torch.Tensor) -> str | None:
+    """' in <module>' where the model first splits NCHW channels into groups and transposes them, else None."""
+    from torch.overrides import TorchFunctionMode
+
+    record: dict = {}
+    split: set[int] = set()  # ids of 5-D views made by splitting a 4-D tensor's channels
+    found: list[str] = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            name = getattr(func, "__name__", "")
+            src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if src is not None and isinstance(out, torch.Tensor):
+                if name in ("view", "reshape") and src.dim() == 4 and out.dim() == 5 and out.shape[0] == src.shape[0] \
+                        and out.shape[1] * out.shape[2] == src.shape[1] and min(out.shape[1], out.shape[2]) > 1:
+                    split.add(id(out))
+                elif name in ("transpose", "permute", "swapaxes") and id(src) in split and not found:
+                    found.append(record["stack"][-1] if record.get("stack") else "")
+            return out
+
+    try:
+        with torch.no_grad(), _tracking_modules(model, record), Watch():
+            model(example_inputs)
+    except Exception:  # noqa: BLE001 - only a diagnosis: the trace error is reported anyway
+        return None
+    if not found:
+        return None
+    return f" in {found[0]!r}" if found[0] else ""
+
+
+def _best_units(units: list[list[int]], scores: torch.Tensor, size: int) -> list[list[int]]:
+    """Units of total ``size`` channels with the highest summed score (units come in few sizes)."""
+    by_size: dict[int, list[list[int]]] = {}
+    for unit in units:
+        by_size.setdefault(len(unit), []).append(unit)
+    classes = [sorted(us, key=lambda u: -float(scores[u].sum())) for _, us in sorted(by_size.items())]
+    sizes = [len(c[0]) for c in classes]
+    gains = [[0.0] + torch.tensor([float(scores[u].sum()) for u in c]).cumsum(0).tolist() for c in classes]
+    best: tuple[float, list[int]] | None = None
+
+    def walk(i, left, counts, total):
+        nonlocal best
+        if i == len(classes):
+            if left == 0 and (best is None or total > best[0]):
+                best = (total, list(counts))
+            return
+        for n in range(min(len(classes[i]), left // sizes[i]), -1, -1):
+            walk(i + 1, left - n * sizes[i], counts + [n], total + gains[i][n])
+
+    walk(0, size, [], 0.0)
+    if best is None:
+        raise CompressorError(f"no set of channel units adds up to {size} channels")
+    return [u for c, n in zip(classes, best[1]) for u in c[:n]]
+
+
+def _constrain(model: nn.Module, group: Group) -> None:
+    """Derive which keep sets of ``group`` keep the model correct, from its grouped convs.
+
+    Torch-Pruning removes a grouped conv's input channels by keeping the first positions
+    of one group (``keep[:len(keep) // groups]``), which is right only when the same
+    local positions go in every group: those channels form a *unit*, kept or dropped
+    together (a position not wholly in this group is fixed). Removing a grouped conv's
+    output channels needs an equal count kept in each of its groups (*blocks*).
+    Depthwise convs (groups == in == out) are coupled by Torch-Pruning and need nothing.
+    """
+    width = group.width
+    parent = list(range(width))
+
+    def find(c):
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    fixed: set[int] = set()
+    reasons = []
+    for layer, side in group.members:
+        m = model.get_submodule(layer)
+        if not isinstance(m, nn.modules.conv._ConvNd) or m.groups == 1:
+            continue
+        if m.groups == m.in_channels == m.out_channels:
+            continue
+        reasons.append(f"{layer} has groups={m.groups}")
+        idx = group.index.get((layer, side))
+        if idx is None or m.transposed or m.groups == m.out_channels:  # a map or a pruner we cannot vouch for
+            group.mode, group.reason = "fixed", "; ".join(reasons)
+            return
+        if side == "in":
+            per = m.in_channels // m.groups
+            where = {int(l): c for c, l in enumerate(idx.tolist())}
+            for p in range(per):
+                present = [where[b * per + p] for b in range(m.groups) if b * per + p in where]
+                if len(present) < m.groups:
+                    fixed.update(present)
+                for c in present[1:]:
+                    parent[find(c)] = find(present[0])
+        else:
+            per = m.out_channels // m.groups
+            blocks: list[list[int]] = [[] for _ in range(m.groups)]
+            for c, l in enumerate(idx.tolist()):
+                blocks[int(l) // per].append(c)
+            if any(len(b) != per for b in blocks):
+                group.mode, group.reason = "fixed", "; ".join(reasons)
+                return
+            group.partitions.append(blocks)
+            group.forbidden.add(m.groups)  # Torch-Pruning treats groups == out_channels as depthwise
+    if not reasons:
+        return
+    group.reason = "; ".join(reasons)
+    comps: dict[int, list[int]] = {}
+    for c in range(width):
+        comps.setdefault(find(c), []).append(c)
+    fixed_roots = {find(c) for c in fixed}
+    group.fixed = sorted(c for r in fixed_roots for c in comps[r])
+    group.units = [u for r, u in comps.items() if r not in fixed_roots]
+    distinct = {tuple(map(tuple, p)) for p in group.partitions}
+
+    def balanced(unit):
+        return all(len({sum(c in s for c in unit) for s in map(set, p)}) == 1 for p in group.partitions)
+
+    if all(balanced(u) for u in group.units):
+        group.mode = "units" if group.units else "fixed"
+    elif all(len(u) == 1 for u in group.units) and len(distinct) == 1:
+        group.mode, group.blocks, group.units = "blocks", group.partitions[0], []
+    else:
+        group.mode, group.units = "fixed", []
 
 
 def _layer_index(item, width: int) -> torch.Tensor | None:
@@ -193,6 +424,11 @@ def apply(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tensor, gra
     tensors: a channels_last model came back half NCHW, and a pruned VGG-16 ran 2.5x
     slower than the dense one on an H100. So the format is put back here.
     """
+    with autograd_on():
+        return _apply(model, plan, example_inputs, graph)
+
+
+def _apply(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tensor, graph: Graph | None) -> nn.Module:
     channels_last = is_channels_last(model)
     graph = graph or trace(model, example_inputs)
     unknown = set(plan.keep) - set(graph.names())
@@ -201,7 +437,7 @@ def apply(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tensor, gra
             f"plan names groups the model does not have: {', '.join(sorted(unknown))}; "
             f"its groups are: {', '.join(graph.names())}"
         )
-    for group in graph.groups:
+    for group in graph.groups:  # every check before the first cut: a refused plan leaves the model whole
         if group.name not in plan.keep:
             continue
         keep = plan.keep[group.name]
@@ -209,7 +445,13 @@ def apply(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tensor, gra
             raise CompressorError(
                 f"plan for {group.name!r} must keep 1..{group.width} distinct channels in [0, {group.width}); got {len(keep)}"
             )
-        drop = sorted(set(range(group.width)) - set(keep))
+        problem = group.check(keep)
+        if problem:
+            raise CompressorError(f"illegal plan: {problem}")
+    for group in graph.groups:
+        if group.name not in plan.keep:
+            continue
+        drop = sorted(set(range(group.width)) - set(plan.keep[group.name]))
         if drop:
             dg = graph.dependency_graph
             pruner = dg.get_pruner_of_module(group.root)

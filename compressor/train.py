@@ -9,15 +9,18 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import resume
 from .data import DeviceBatches, ImageData
 from .errors import CompressorError
+from .files import failpoint
+from .resume import StageState
 
 SCHEDULES = ("onecycle", "cosine")
 
@@ -32,6 +35,19 @@ class TrainConfig:
     schedule: str = "onecycle"
     label_smoothing: float = 0.0
     seed: int = 0
+
+    def __post_init__(self):
+        """Refuse numbers training cannot use (NaN and inf too) with one CompressorError, before any data is touched."""
+        from .checks import choice, number
+
+        number("TrainConfig.epochs", self.epochs, integer=True, low=0)
+        number("TrainConfig.lr", self.lr, low=0, low_open=True)
+        number("TrainConfig.batch_size", self.batch_size, integer=True, low=1)
+        number("TrainConfig.weight_decay", self.weight_decay, low=0)
+        number("TrainConfig.momentum", self.momentum, low=0, high=1, low_open=True, high_open=True)  # Nesterov needs > 0
+        number("TrainConfig.label_smoothing", self.label_smoothing, low=0, high=1, high_open=True)
+        number("TrainConfig.seed", self.seed, integer=True, low=0)
+        choice("TrainConfig.schedule", self.schedule, SCHEDULES)
 
     def as_dict(self):
         return asdict(self)
@@ -50,6 +66,7 @@ class TrainHooks:
     penalty: Callable[[float], dict[str, torch.Tensor]] | None = None
     after_backward: Callable[[], None] | None = None
     after_step: Callable[[], None] | None = None
+    stateful: list = field(default_factory=list)  # objects with state_dict()/load_state_dict(), saved with progress
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -77,8 +94,13 @@ def prepare(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.device, desc: str = "train",
-        hooks: TrainHooks | None = None) -> list[dict]:
-    """Train ``model`` on ``data``'s training split; returns one record per epoch."""
+        hooks: TrainHooks | None = None, state: StageState | None = None) -> list[dict]:
+    """Train ``model`` on ``data``'s training split; returns one record per epoch.
+
+    With ``state``, progress is saved at the end of every epoch (and every
+    ``state.every_steps`` steps), and a saved state is continued from: a finished stage
+    loads its final weights and returns at once (see ``compressor.resume``).
+    """
     if config.epochs <= 0:
         return []
     if config.schedule not in SCHEDULES:
@@ -101,16 +123,56 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     hooks = hooks or TrainHooks()
-    history = []
-    for epoch in range(config.epochs):
+    history: list[dict] = []
+    first_epoch, first_step, order, sums = 0, 0, None, None
+    writer = resume.Writer()
+    fingerprint = {"config": config.as_dict(), "batches": len(batches),
+                   "shapes": [list(t.shape) for t in model.state_dict().values()]}
+
+    def snapshot(epoch, step, order, sums):
+        return {"format": resume.FORMAT, "fingerprint": fingerprint, "epoch": epoch, "step": step,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": resume.rng_state(), "data": batches.generator.get_state(),
+                "order": order, "sums": sums, "history": history,
+                "hooks": [h.state_dict() for h in hooks.stateful]}
+
+    saved = state.load() if state is not None else None
+    if saved is not None:
+        if saved["fingerprint"] != fingerprint:
+            raise CompressorError(f"{state.path} was saved by other training settings or another model; "
+                                  "resume with the run's own settings, or start the run afresh")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        for h, h_state in zip(hooks.stateful, saved["hooks"]):
+            h.load_state_dict(h_state)
+        resume.set_rng_state(saved["rng"])
+        batches.generator.set_state(saved["data"])
+        history = list(saved["history"])
+        first_epoch, first_step = saved["epoch"], saved["step"]
+        order = saved["order"].to(batches.x.device) if saved["order"] is not None else None
+        sums = saved["sums"]
+        if first_epoch >= config.epochs:
+            tqdm.write(f"{desc}: finished before the interruption; its saved result is loaded")
+            return history
+        tqdm.write(f"{desc}: resuming at epoch {first_epoch + 1}/{config.epochs}"
+                   + (f", step {first_step + 1}/{len(batches)}" if first_step else ""))
+    every = state.every_steps if state is not None else 0
+    for epoch in range(first_epoch, config.epochs):
         model.train()
         start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        term_sums: dict[str, torch.Tensor] = {}
-        bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False, dynamic_ncols=True, disable=None)
-        for step, (x, y) in enumerate(bar):
+        if first_step and epoch == first_epoch:  # the interrupted epoch: its order and running sums
+            loss_sum, correct, seen, term_sums = (sums["loss"].to(device), sums["correct"].to(device), sums["seen"],
+                                                  {k: v.to(device) for k, v in sums["terms"].items()})
+        else:
+            first_step, order = 0, batches.epoch_order()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen, term_sums = 0, {}
+        bar = tqdm(batches.iterate(order, first_step), desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False,
+                   dynamic_ncols=True, disable=None, total=len(batches), initial=first_step)
+        for step, (x, y) in enumerate(bar, start=first_step):
             with autocast(device):
                 logits = model(x)
                 loss = criterion(logits, y)
@@ -128,19 +190,27 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
             scheduler.step()
             if hooks.after_step is not None:
                 hooks.after_step()
+            failpoint("train-step")
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             if not bar.disable and step % 20 == 0:  # reading values back syncs the GPU; do it rarely
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.1%}")
+            if every and (step + 1) % every == 0 and step + 1 < len(batches):
+                writer.save(state.path, snapshot(epoch, step + 1, order, {
+                    "loss": loss_sum, "correct": correct, "seen": seen, "terms": term_sums}))
+        first_step = 0
         if device.type == "cuda":
             torch.cuda.synchronize()
         record = {"epoch": epoch + 1, "loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
                   "seconds": time.perf_counter() - start}
         record.update({name: float(v) / seen for name, v in term_sums.items()})  # penalty terms, included in loss
         history.append(record)
+        if state is not None:
+            writer.save(state.path, snapshot(epoch + 1, 0, None, None))
         tqdm.write(f"{desc} epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, "
                    f"train acc {record['train_acc']:.2%}, {record['seconds']:.1f}s")
+    writer.flush()
     return history
 
 

@@ -115,3 +115,45 @@ def test_from_scratch_is_refused_where_the_criterion_does_not_train_from_random(
                  "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "--from-scratch needs a criterion" in err and "psap" in err and not (tmp_path / "r").exists()
+
+
+CARD = ["--model", "vgg16", "--dataset", "cifar10", "--method", "ffr", "--budget-macs", "0.25", "--export", "onnx,trt",
+        "--bench"]
+
+
+@pytest.mark.parametrize("card", [["--method", "ffr", "--export", "trt"], CARD], ids=["short", "card"])
+def test_options_without_a_command_mean_run(card):
+    from compressor.cli import build_parser, with_command
+
+    parser = build_parser()
+    implicit, explicit = parser.parse_args(with_command(card)), parser.parse_args(["run", *card])
+    assert implicit.command == "run" and vars(implicit) == vars(explicit)
+
+
+def test_the_card_form_runs_a_job(tmp_path):
+    out = tmp_path / "card"
+    assert main(["--dataset", "synthetic", "--epochs", "0", "--finetune-epochs", "0", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "complete" and m["command"][:2] == ["compress", "--dataset"]  # as typed
+
+
+def test_the_card_form_without_tensorrt_stops_before_training(tmp_path, capsys):
+    from compressor.export import tensorrt
+
+    if tensorrt.status()[0]:
+        pytest.skip("TensorRT is usable here, so it is not missing")
+    out = tmp_path / "r"
+    assert main(["--method", "ffr", "--export", "trt", "--dataset", "synthetic", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "pip install tensorrt" in err and "Traceback" not in err and not out.exists()
+
+
+def test_bare_compress_names_the_commands(capsys):
+    assert main([]) == 0  # asking for nothing is not a mistake: a short help on stdout
+    shown = capsys.readouterr().out
+    for command in ("run", "export", "bench", "analyze", "inspect"):
+        assert f"\n    {command} " in shown
+    assert "compress run " in shown and "COMMAND --help" in shown and "mean `run`" in shown
+    with pytest.raises(SystemExit) as exited:  # --help still works
+        main(["--help"])
+    assert exited.value.code == 0 and "COMMAND" in capsys.readouterr().out

@@ -85,6 +85,42 @@ def test_low_opset_and_bad_suffix_are_refused(tmp_path):
         aoti.export(model, tmp_path / "m.so", x)
 
 
+def pooled(size):
+    """A model whose adaptive pool maps an 8x8 map to ``size`` (3x3 does not divide 8: TorchScript refuses it)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(size),
+                         nn.Flatten(), nn.Linear(8 * size[0] * size[1], 10)).eval()
+
+
+def test_non_dividing_adaptive_pool_falls_back_to_the_dynamo_exporter(tmp_path, capfd):
+    pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript (pip install onnxscript)")
+    model, x = pooled((3, 3)), torch.randn(5, 3, 8, 8)
+    path = onnx.export(model, tmp_path / "m.onnx", x)
+    assert onnx.exporter_of(path) == "dynamo"
+    proto = onnx_lib.load(str(path))
+    onnx_lib.checker.check_model(proto, full_check=True)
+    assert proto.opset_import[0].version >= 17
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch axis stays dynamic
+    runner = onnx.OnnxRuntimeModel(path)
+    for batch in (1, 5):
+        result = verify(model(x[:batch]), runner(x[:batch]))
+        assert result["top1_agreement"] == 1.0 and result["max_abs_diff"] < 1e-4
+    assert "Torch IR graph" not in capfd.readouterr().out  # the TorchScript exporter's failure stays quiet
+    # a pool that divides its input keeps the TorchScript exporter
+    assert onnx.exporter_of(onnx.export(pooled((4, 4)), tmp_path / "d.onnx", x)) == "torchscript"
+
+
+def test_non_dividing_adaptive_pool_without_onnxscript_says_what_to_do(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript now raises ImportError
+    with pytest.raises(CompressorError) as info:
+        onnx.export(pooled((3, 3)), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
+    message = str(info.value)
+    assert "pip install onnxscript" in message and "adaptive pool" in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_triton_repository_layout(tmp_path):
     artifact = tmp_path / "a.onnx"
     artifact.write_bytes(b"onnx bytes")
@@ -112,6 +148,7 @@ def test_export_command_writes_verified_artifacts(run_dir, tmp_path, capsys):
     assert main(["export", str(run_dir), "--formats", "onnx", "--triton-repo", str(repo)]) == 0
     results = json.loads((run_dir / "export" / "export.json").read_text())
     assert results["onnx"]["verification"]["top1_agreement"] >= 0.99 and results["verify_images"] == 256
+    assert results["onnx"]["exporter"] == "torchscript"  # conv4's global pool divides: no onnxscript needed
     assert json.loads((run_dir / "metrics.json").read_text())["export"]["onnx"]["path"] == results["onnx"]["path"]
     assert (repo / "conv4-pruned-onnx" / "1" / "model.onnx").is_file()
     assert "top-1 agreement" in capsys.readouterr().out

@@ -145,3 +145,20 @@ def test_tracing_leaves_batchnorm_statistics_alone():
     surgery.trace(model, x)
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_shufflenet_refusal_names_the_channel_shuffle():
+    import torchvision
+
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10)
+    with pytest.raises(TraceError, match=r"shuffles channels in 'stage2\.0'"):
+        surgery.trace(model, torch.randn(1, 3, 32, 32))
+
+
+def test_trace_and_surgery_under_inference_mode():
+    model, x = make("resnet20")
+    with torch.inference_mode():
+        graph = surgery.trace(model, x)
+        surgery.apply(model, PruningPlan.first_channels({g: w // 2 for g, w in graph.widths().items()}, graph), x, graph)
+    assert not any(p.is_inference() for p in model.parameters())
+    model(x).sum().backward()  # still trainable outside inference mode

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint, surgery
+from ..checks import number
 from ..errors import CompressorError
 from ..files import write_json, write_text
 from ..pipeline import device_name, versions
@@ -20,7 +21,15 @@ from .harness import measure
 MODELS = ("dense", "pruned")
 
 
-def parse_batch_sizes(text: str | None) -> list[int]:
+def parse_batch_sizes(text: str | list[int] | None) -> list[int]:
+    """Batch sizes from "1,32" (or a list of whole numbers), each at least 1."""
+    if text is not None and not isinstance(text, str):  # the API may pass a list
+        sizes = list(text) if isinstance(text, (list, tuple)) else [text]
+        for b in sizes:
+            number("--batch-sizes", b, integer=True, low=1)
+        if not sizes:
+            raise CompressorError("--batch-sizes needs at least one batch size")
+        return sizes
     try:
         sizes = [int(b) for b in (text or "1,32").split(",") if b.strip()]
     except ValueError:
@@ -30,9 +39,22 @@ def parse_batch_sizes(text: str | None) -> list[int]:
     return sizes
 
 
-def bench(run_dir: str | Path, backends: str | None = None, batch_sizes: str | None = None, precision: str = "fp32",
-          device: str = "auto", warmup: int = 10, min_iters: int = 30, min_seconds: float = 1.0,
-          argv: list[str] | None = None) -> dict:
+def check_options(batch_sizes: str | list[int] | None = None, warmup: int = 10, min_iters: int = 30,
+                  min_seconds: float = 1.0) -> list[int]:
+    """Refuse a bad benchmark number (NaN and inf too) with one clear error; returns the batch sizes.
+
+    ``compress run --bench`` calls this before training, ``bench`` before loading anything.
+    """
+    number("--warmup", warmup, integer=True, low=0)
+    number("--min-iters", min_iters, integer=True, low=1)
+    number("--min-seconds", min_seconds, low=0)
+    return parse_batch_sizes(batch_sizes)
+
+
+def bench(run_dir: str | Path, backends: str | None = None, batch_sizes: str | list[int] | None = None,
+          precision: str = "fp32", device: str = "auto", warmup: int = 10, min_iters: int = 30,
+          min_seconds: float = 1.0, argv: list[str] | None = None) -> dict:
+    sizes = check_options(batch_sizes, warmup, min_iters, min_seconds)
     run_dir = Path(run_dir)
     for name in MODELS:
         if not (run_dir / f"{name}.pt").is_file():
@@ -40,7 +62,6 @@ def bench(run_dir: str | Path, backends: str | None = None, batch_sizes: str | N
     dev = pick_device(device)
     B.check_precision(precision, dev)
     names = B.parse_backends(backends, dev)
-    sizes = parse_batch_sizes(batch_sizes)
     loaded = {name: checkpoint.load(run_dir / f"{name}.pt", with_spec=True) for name in MODELS}
     spec = loaded["dense"][1]
     example = spec.example_inputs()

@@ -17,6 +17,7 @@ from ..budget import Budget
 from ..data import ImageData
 from ..errors import CompressorError
 from ..plan import PruningPlan
+from ..resume import RunState, StageState
 from ..surgery import Graph, trace
 from ..train import TrainConfig
 
@@ -40,6 +41,15 @@ class PlanRequest:
     options: dict = field(default_factory=dict)  # criterion-specific settings from the CLI
     report: dict = field(default_factory=dict)  # what a criterion found, for metrics.json
     out_dir: Path | None = None  # where a criterion may write its own tables and plots
+    state: RunState | None = None  # where training and search progress is kept, to resume a killed run
+
+    def stage(self, name: str) -> StageState | None:
+        """Where the training stage ``name`` keeps its progress (None: not resumable, e.g. from the API)."""
+        return self.state.stage(name) if self.state is not None else None
+
+    def state_dir(self) -> Path | None:
+        """Where a criterion keeps its own search state: the run's state folder, else ``out_dir``."""
+        return self.state.dir if self.state is not None else self.out_dir
 
     def traced(self) -> Graph:
         if self.graph is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..budget import solve_widths
+from ..masking import carriers
 from ..plan import PruningPlan
 from ..surgery import PRUNABLE_TYPES, Graph
 from . import PlanRequest, register
@@ -18,10 +19,9 @@ def filter_l1(graph: Graph, groups=None) -> dict[str, torch.Tensor]:
     scores = {}
     for group in graph.groups if groups is None else groups:
         total = torch.zeros(group.width)
-        for name in group.out_layers:
-            module = graph.module(name)
-            if isinstance(module, PRUNABLE_TYPES):
-                total += module.weight.detach().abs().flatten(1).sum(1).float().cpu()
+        for c in carriers(graph, group):  # the group's rows only, where a layer is wider than the group
+            if isinstance(c.module, PRUNABLE_TYPES) and c.tensor is c.module.weight:
+                total += c.tensor.detach()[c.index].abs().flatten(1).sum(1).float().cpu()
         scores[group.name] = total
     return scores
 
@@ -30,7 +30,7 @@ def filter_l1(graph: Graph, groups=None) -> dict[str, torch.Tensor]:
 def l1(request: PlanRequest) -> PruningPlan:
     graph = request.traced()
     widths = solve_widths(graph, request.budget, None, request.round_to, request.max_ratio).widths
-    return PruningPlan.from_scores(filter_l1(graph), widths)
+    return PruningPlan.from_scores(filter_l1(graph), widths, graph)  # graph: legal sets (grouped convs)
 
 
 @register("random")
@@ -38,4 +38,5 @@ def random(request: PlanRequest) -> PruningPlan:
     graph = request.traced()
     widths = solve_widths(graph, request.budget, None, request.round_to, request.max_ratio).widths
     g = torch.Generator().manual_seed(request.seed)
-    return PruningPlan.from_scores({n: torch.rand(w, generator=g) for n, w in graph.widths().items()}, widths)
+    scores = {n: torch.rand(w, generator=g) for n, w in graph.widths().items()}
+    return PruningPlan.from_scores(scores, widths, graph)

@@ -1,9 +1,14 @@
 """FFR: feature flow regularization, then pruning by BN scale (our reading of the seed paper;
 its full text was not available).
 
-The *flow* is the sequence of feature maps x_1 .. x_L that the model's ``nn.ReLU``
-modules output, in the order they run during one forward pass (a module called twice,
-as in a ResNet block, gives two points). Forward hooks collect them in the training pass
+The *flow* is the sequence of feature maps x_1 .. x_L that the model's activation
+modules output (ReLU, ReLU6, SiLU, GELU, Hardswish, ...: the flow is about the features,
+not about one nonlinearity), in the order they run during one forward pass (a module
+called twice, as in a ResNet block, gives two points). Our choices: activations inside a
+squeeze-and-excitation branch are left out (pooled side vectors, not the flow); a model
+with functional activations only (GoogLeNet) follows its normalisation layers' outputs,
+one per conv, where the activations would be; channels-last points (ConvNeXt's GELU after
+a Permute) are read channels-first. Forward hooks collect them in the training pass
 itself: no second forward.
 
 Shapes are matched by a fixed, parameter-free projection, as ResNet's option-A shortcuts
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 
 from ..budget import CostModel, allowed_widths, solve_widths
 from ..errors import CompressorError
+from ..masking import carriers, channel_dim
 from ..plan import PruningPlan
 from ..surgery import PRUNABLE_TYPES, Graph
 from ..train import TrainHooks, evaluate, fit
@@ -104,20 +110,61 @@ def flow_terms(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return length, curvature
 
 
+# activation modules whose outputs make the flow; Hardtanh covers ReLU6
+ACTIVATIONS = (nn.ReLU, nn.Hardtanh, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+               nn.Mish, nn.Hardswish, nn.Softplus)
+GATES = (nn.Sigmoid, nn.Hardsigmoid)  # squeeze-and-excitation scales: a side branch, not the flow
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_LAYOUT = (nn.modules.conv._ConvNd, nn.Linear) + _NORMS
+
+
+def flow_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs are the flow's points (see the module docstring; our choice).
+
+    The model's activation modules, whichever kind (ReLU, ReLU6, SiLU, GELU, Hardswish, ...),
+    less those inside a squeeze-and-excitation branch (an activation whose sibling is a
+    Sigmoid/Hardsigmoid gate), whose outputs are pooled side vectors rather than the features
+    that flow on. A model with no activation modules (functional ones, as GoogLeNet's) follows
+    its normalisation layers instead: each sits where a block's features leave a conv, one
+    point per layer, as the activations would be; without those either, its conv layers.
+    """
+    side = set()
+    for parent in model.modules():
+        children = list(parent.children())
+        if any(isinstance(c, GATES) for c in children):
+            side.update(id(c) for c in children if isinstance(c, ACTIVATIONS))
+    for kinds in (ACTIVATIONS, _NORMS, (nn.modules.conv._ConvNd,)):
+        found = [m for m in model.modules() if isinstance(m, kinds) and id(m) not in side]
+        if found:
+            return found
+    return []
+
+
 class FlowRecorder:
-    """Collects the ReLU outputs of each training forward pass."""
+    """Collects the flow points (``flow_modules``) of each training forward pass, as (N, C, ...) maps.
+
+    A point computed channels-last (ConvNeXt's GELU between two nn.Linear layers after a
+    Permute) is moved to channels-first: its layout is that of the last conv, linear or norm
+    layer that ran before it (``masking.channel_dim``)."""
 
     def __init__(self, model: nn.Module):
-        relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
-        if len(relus) == 0:
-            raise CompressorError(f"ffr follows the feature flow through nn.ReLU modules; {type(model).__name__} has none")
+        modules = flow_modules(model)
+        if len(modules) == 0:
+            raise CompressorError(f"ffr follows the feature flow through activation, norm or conv modules; "
+                                  f"{type(model).__name__} has none")
         self.features: list[torch.Tensor] = []
+        self.last_dim = 1
         self.handles = [model.register_forward_pre_hook(lambda *_: self.features.clear())]
-        self.handles += [m.register_forward_hook(self._keep) for m in relus]
+        self.handles += [m.register_forward_hook(self._layout) for m in model.modules() if isinstance(m, _LAYOUT)]
+        self.handles += [m.register_forward_hook(self._keep) for m in modules]
+
+    def _layout(self, module, _inputs, output):
+        if isinstance(output, torch.Tensor):
+            self.last_dim = channel_dim(module) if output.dim() > 2 else 1
 
     def _keep(self, module, _inputs, output):
-        if module.training:
-            self.features.append(output)
+        if module.training and isinstance(output, torch.Tensor):
+            self.features.append(output.movedim(-1, 1) if self.last_dim == -1 and output.dim() > 2 else output)
 
     def close(self):
         for h in self.handles:
@@ -175,16 +222,19 @@ def regularised(model: nn.Module, length_weight: float, curvature_weight: float,
 
 
 def channel_scores(graph: Graph, score: str = "bn") -> dict[str, torch.Tensor]:
-    """Per group: mean |gamma| over its BatchNorms, or (``norm``, or no BatchNorm) the filters' L2 norm."""
+    """Per group: mean |gamma| over its BatchNorms, or (``norm``, or no BatchNorm) the filters' L2 norm.
+
+    Only the group's channels of each layer count (``masking.carriers``): a BatchNorm after a
+    concatenation is wider than the group."""
     scores = {}
     for group in graph.groups:
-        members = [graph.module(n) for n, side in group.members if side == "out"]
-        bns = [m for m in members if isinstance(m, _BN) and m.weight is not None]
+        weights = [c for c in carriers(graph, group) if c.tensor is c.module.weight]
+        bns = [c.tensor.detach()[c.index].abs().float().cpu() for c in weights if isinstance(c.module, _BN)]
         if score == "bn" and bns:
-            scores[group.name] = torch.stack([m.weight.detach().abs().float().cpu() for m in bns]).mean(0)
+            scores[group.name] = torch.stack(bns).mean(0)
         else:
-            sq = sum(m.weight.detach().float().pow(2).flatten(1).sum(1).cpu() for m in members
-                     if isinstance(m, PRUNABLE_TYPES))
+            sq = sum(c.tensor.detach()[c.index].float().pow(2).flatten(1).sum(1).cpu() for c in weights
+                     if isinstance(c.module, PRUNABLE_TYPES))
             scores[group.name] = sq.sqrt()
     return scores
 
@@ -201,7 +251,7 @@ def threshold_widths(graph: Graph, scores: dict[str, torch.Tensor], budget, roun
     """Widths from one global score threshold: the lowest one whose widths meet the budget, so the most
     channels stay."""
     cost = CostModel(graph)
-    choices = {g.name: allowed_widths(g.width, round_to, max_ratio) for g in graph.groups}
+    choices = {g.name: allowed_widths(g.width, round_to, max_ratio, g) for g in graph.groups}
 
     def widths_at(t):
         found = {}
@@ -238,7 +288,8 @@ def ffr(request: PlanRequest) -> PruningPlan:
         config = train_config(request, epochs, request.seed,
                               schedule=opts.get("schedule", "onecycle") if opts.get("from_scratch") else "cosine")
         with regularised(request.model, length_w, curvature_w, warmup / epochs, compiled) as hooks:
-            history = fit(request.model, request.data, config, request.device, desc="ffr", hooks=hooks)
+            history = fit(request.model, request.data, config, request.device, desc="ffr", hooks=hooks,
+                          state=request.stage("ffr"))
     scores = channel_scores(graph, score)
     start = threshold_widths(graph, scores, request.budget, request.round_to, request.max_ratio)
     ratios = {g: 1.0 - start[g] / graph.group(g).width for g in start}
@@ -252,4 +303,4 @@ def ffr(request: PlanRequest) -> PruningPlan:
     if history:
         report["seconds_per_epoch"] = sum(h["seconds"] for h in history) / len(history)
     request.report["ffr"] = report
-    return PruningPlan.from_scores(scores, widths)
+    return PruningPlan.from_scores(scores, widths, graph)  # graph: legal sets (grouped convs)

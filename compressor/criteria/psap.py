@@ -54,10 +54,9 @@ def sparsity(graph: Graph, masks: dict[str, torch.Tensor], threshold: float = TH
     for group in graph.groups:
         keep = masks[group.name]
         small = total = 0
-        for name in group.out_layers:
-            module = graph.module(name)
-            if isinstance(module, PRUNABLE_TYPES):
-                w = module.weight.detach()[keep.to(module.weight.device)].abs().float()
+        for c in masking.carriers(graph, group):
+            if isinstance(c.module, PRUNABLE_TYPES) and c.tensor is c.module.weight:
+                w = c.tensor.detach()[c.index[keep.to(c.index.device)]].abs().float()
                 if w.numel():
                     small += int((w < threshold * w.mean()).sum())
                     total += w.numel()
@@ -71,7 +70,10 @@ class GradientWatch:
     A masked channel outputs exactly zero and ReLU passes no gradient at zero, so its own
     weights and shifts get none; the gradient at its consumers' inputs still says how much
     the loss wants the channel back, and it is the same quantity for kept channels.
-    Consumers whose input is not the group's channels alone (a concatenation) are skipped.
+    A consumer reading a concatenation (DenseNet) is wider than the group: the group's
+    channels are read out of it by ``Group.channels_in``. Channels sit in dimension 1, or
+    last for nn.Linear and a plain LayerNorm (``masking.channel_dim``; ConvNeXt after a Permute).
+    A consumer whose input the index map does not place (a flattening classifier) is skipped.
     """
 
     def __init__(self, graph: Graph):
@@ -82,19 +84,31 @@ class GradientWatch:
             for name, side in group.members:
                 module = graph.module(name)
                 if side == "in" and isinstance(module, PRUNABLE_TYPES):
-                    self.handles.append(module.register_forward_pre_hook(self._watch(group.name, group.width)))
+                    index = group.channels_in(name, "in")
+                    hook = self._watch(group.name, group.width, index, masking.channel_dim(module))
+                    self.handles.append(module.register_forward_pre_hook(hook))
 
-    def _watch(self, group: str, width: int):
+    def _watch(self, group: str, width: int, index: torch.Tensor | None, dim: int):
+        need = width if index is None else int(index.max()) + 1
+        on = {}  # the index on each device, moved once
+
         def pre(_module, args):
             x = args[0]
-            if torch.is_grad_enabled() and x.requires_grad and x.dim() >= 2 and x.shape[1] == width:
-                x.register_hook(lambda grad: self._add(group, grad))
+            if not (torch.is_grad_enabled() and x.requires_grad and x.dim() >= 2):
+                return
+            if x.shape[dim] != need if index is None else x.shape[dim] < need:
+                return
+            if index is not None and x.device not in on:
+                on[x.device] = index.to(x.device)
+            x.register_hook(lambda grad: self._add(group, grad, on.get(grad.device), dim))
 
         return pre
 
-    def _add(self, group: str, grad: torch.Tensor):
-        dims = [0] + list(range(2, grad.dim()))
-        g = grad.detach().abs().float().mean(dims)
+    def _add(self, group: str, grad: torch.Tensor, index: torch.Tensor | None = None, dim: int = 1):
+        dim = dim % grad.dim()
+        g = grad.detach().abs().float().mean([d for d in range(grad.dim()) if d != dim])
+        if index is not None:
+            g = g[index]
         finite = torch.isfinite(g).all()  # a grad scaler's overflow steps are skipped, here as in the optimizer
         self.sums[group] = self.sums[group].to(g.device) + torch.where(finite, g, torch.zeros_like(g))
         self.steps[group] = self.steps[group] + finite.long()  # a tensor: no device sync per step
@@ -102,17 +116,27 @@ class GradientWatch:
     def mean(self) -> dict[str, torch.Tensor]:
         return {n: s.cpu() / max(int(self.steps[n]), 1) for n, s in self.sums.items()}
 
+    def state_dict(self) -> dict:
+        """What the watch has seen, saved with the training progress so a resumed step protects the same."""
+        return {"sums": dict(self.sums), "steps": {n: torch.as_tensor(v) for n, v in self.steps.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.steps = dict(state["sums"]), dict(state["steps"])
+
     def close(self):
         for h in self.handles:
             h.remove()
 
 
 def protect(masks: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], importance: dict[str, torch.Tensor],
-            z: float = PROTECT_Z) -> tuple[dict[str, torch.Tensor], dict[str, list[tuple[int, int]]]]:
+            z: float = PROTECT_Z, graph: Graph | None = None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, list[tuple[int, int]]]]:
     """Restore masked channels whose gradient stands out; mask the least important kept ones instead.
 
     Returns the new masks and, per group, the (restored, newly masked) channel pairs.
-    Widths never change, so a budget met before still holds.
+    Widths never change, so a budget met before still holds. With ``graph``, a group whose
+    swaps would give a keep set its grouped convs forbid (``Group.check``) is left as it
+    was (our choice: swaps move single channels, such a group moves whole units).
     """
     new, swaps = {}, {}
     for name, keep in masks.items():
@@ -128,6 +152,9 @@ def protect(masks: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], impo
             for restored, victim in zip(standing_out.tolist(), victims.tolist()):
                 keep[restored], keep[victim] = True, False
                 pairs.append((restored, victim))
+            check = getattr(graph.group(name), "check", None) if graph is not None and pairs else None
+            if check is not None and check(torch.nonzero(keep).flatten().tolist()) is not None:
+                keep, pairs = masks[name].clone(), []
         new[name], swaps[name] = keep, pairs
     return new, swaps
 
@@ -142,12 +169,12 @@ class _Saved:
     def change(self, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
         """Move from masks ``old`` to ``new``: put back channels that return, save and zero those that go."""
         for group in self.graph.groups:
-            params = masking.channel_params(self.graph, group)
+            found = masking.carriers(self.graph, group)
             for c in torch.nonzero(new[group.name] & ~old[group.name]).flatten().tolist():
-                for t, row in zip(params, self.rows.pop((group.name, c))):
-                    t[c] = row
+                for carrier, row in zip(found, self.rows.pop((group.name, c))):
+                    carrier.tensor[carrier.index[c]] = row
             for c in torch.nonzero(old[group.name] & ~new[group.name]).flatten().tolist():
-                self.rows[(group.name, c)] = [t[c].clone() for t in params]
+                self.rows[(group.name, c)] = [carrier.tensor[carrier.index[c]].clone() for carrier in found]
         masking.zero_masked(self.graph, new)
 
 
@@ -170,7 +197,7 @@ def psap(request: PlanRequest) -> PruningPlan:
         record, restored, grads = {"step": step}, {}, None
         if watch is not None:  # protective reconstruction, from the last step's gradients
             grads = watch.mean()
-            protected, swaps = protect(masks, grads, filter_l1(graph), z)
+            protected, swaps = protect(masks, grads, filter_l1(graph), z, graph)
             saved.change(masks, protected)
             masks = protected
             restored = {n: [r for r, _ in pairs] for n, pairs in swaps.items() if pairs}
@@ -180,7 +207,7 @@ def psap(request: PlanRequest) -> PruningPlan:
         ratios = {n: v + 1e-3 for n, v in found.items()}  # a layer with no small weights still gives a little
         widths = solve_widths(graph, Budget(budget.metric, target, tolerance), ratios, request.round_to,
                               request.max_ratio).widths
-        pruned = _top(step_scores(graph, masks, grads, restored), widths)
+        pruned = _top(step_scores(graph, masks, grads, restored), widths, graph)
         regrown = {n: int((pruned[n] & ~masks[n]).sum()) for n in masks}
         saved.change(masks, pruned)
         masks = pruned
@@ -192,8 +219,11 @@ def psap(request: PlanRequest) -> PruningPlan:
                        "regrown": regrown})
         watch = GradientWatch(graph)
         try:
+            hooks = masking.hooks(graph, masks)
+            hooks.stateful.append(watch)
             history = fit(model, request.data, train_config(request, step_epochs, request.seed + step),
-                          request.device, desc=f"psap step {step}/{steps}", hooks=masking.hooks(graph, masks))
+                          request.device, desc=f"psap step {step}/{steps}", hooks=hooks,
+                          state=request.stage(f"psap-step{step}"))
         finally:
             watch.close()
         record["history"] = history
@@ -222,11 +252,16 @@ def step_scores(graph: Graph, masks: dict[str, torch.Tensor], grads: dict[str, t
     return scores
 
 
-def _top(scores: dict[str, torch.Tensor], widths: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Masks keeping the ``widths[g]`` highest-scoring channels of each group."""
+def _top(scores: dict[str, torch.Tensor], widths: dict[str, int],
+         graph: Graph | None = None) -> dict[str, torch.Tensor]:
+    """Masks keeping the ``widths[g]`` highest-scoring channels of each group, as the group chooses them
+    (``Group.choose``: its layout constraints, e.g. grouped convolutions, hold)."""
     masks = {}
     for name, width in widths.items():
         mask = torch.zeros(scores[name].numel(), dtype=torch.bool)
-        mask[torch.topk(scores[name].float(), width).indices] = True
+        if graph is not None:
+            mask[graph.group(name).choose(scores[name].float(), width)] = True
+        else:
+            mask[torch.topk(scores[name].float(), width).indices] = True
         masks[name] = mask
     return masks

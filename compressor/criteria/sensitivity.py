@@ -29,8 +29,9 @@ import torch.nn as nn
 from ..budget import Budget, solve_widths
 from ..data import DeviceBatches, ImageData
 from ..errors import CompressorError
+from ..masking import carriers
 from ..plan import PruningPlan
-from ..surgery import PRUNABLE_TYPES, Graph, apply, count, trace
+from ..surgery import Graph, apply, count, trace
 from ..train import accuracy, fit
 from . import PlanRequest, register, train_config
 from .baselines import filter_l1
@@ -46,20 +47,17 @@ def _damage(graph: Graph, group, level: float, mode: str, generator: torch.Gener
     if mode == "zero":
         n = int(round(group.width * level))
         idx = torch.argsort(filter_l1(graph, [group])[group.name])[:n]
-        for name, side in group.members:
-            module = graph.module(name)
-            if side != "out" or not isinstance(module, PRUNABLE_TYPES + (nn.modules.batchnorm._BatchNorm,)):
-                continue
-            for t in (module.weight, module.bias):
-                if t is not None:
-                    saved.append((t, t.detach().clone()))
-                    t.data[idx.to(t.device)] = 0
+        for c in carriers(graph, group):  # the group's rows only, in a layer wider than the group
+            saved.append((c.tensor, c.tensor.detach().clone()))
+            c.tensor.data[c.index[idx.to(c.index.device)]] = 0
     else:
-        for name in group.out_layers:
-            w = graph.module(name).weight
+        for c in carriers(graph, group):
+            w = c.tensor
+            if w is not c.module.weight:
+                continue
             saved.append((w, w.detach().clone()))
-            noise = torch.randn(w.shape, generator=generator).to(w.device, w.dtype)
-            w.data += noise * (level * w.detach().float().std())
+            noise = torch.randn((len(c.index), *w.shape[1:]), generator=generator).to(w.device, w.dtype)
+            w.data[c.index] += noise * (level * w.detach().float().std())
     return saved
 
 
@@ -108,7 +106,7 @@ def _record(request: PlanRequest, first: dict, steps: list | None = None) -> Non
 def _plan(graph, analysis, budget, request) -> PruningPlan:
     widths = solve_widths(graph, budget, ratios_from(analysis["sensitiveness"]), request.round_to,
                           request.max_ratio).widths
-    return PruningPlan.from_scores(filter_l1(graph), widths)
+    return PruningPlan.from_scores(filter_l1(graph), widths, graph)  # graph: legal sets (grouped convs)
 
 
 @register("sensitivity")
@@ -147,7 +145,7 @@ def sensitivity(request: PlanRequest) -> PruningPlan:
         apply(work, plan, x, graph=work_graph)
         if step < steps and step_epochs:
             fit(work, request.data, train_config(request, step_epochs, request.seed + step), request.device,
-                desc=f"step {step}")
+                desc=f"step {step}", state=request.stage(f"sensitivity-step{step}"))
     _record(request, analyses[0], analyses)
     return PruningPlan({g: idx for g, idx in origin.items()})
 

@@ -51,7 +51,7 @@ from .. import masking, nsga
 from ..budget import CostModel, solve_widths
 from ..data import DeviceBatches
 from ..errors import BudgetError, CompressorError
-from ..files import atomic_path, write_json
+from ..files import atomic_path, failpoint, write_json
 from ..plan import PruningPlan
 from ..subnet import Split
 from ..surgery import Graph
@@ -59,7 +59,7 @@ from ..train import autocast, fit
 from . import PlanRequest, register, train_config
 from .baselines import filter_l1
 
-STATE, WEIGHTS = "smoea-state.pt", "smoea-weights.pt"
+STATE, WEIGHTS = "smoea-state.pt", "smoea-weights-{block}.pt"
 
 
 def blocks_by_size(graph: Graph, group_size: int) -> list[list[str]]:
@@ -67,8 +67,9 @@ def blocks_by_size(graph: Graph, group_size: int) -> list[list[str]]:
     names = graph.names()
     blocks = [names[i:i + group_size] for i in range(0, len(names), group_size)]
 
-    def size(block):
-        return sum(t.numel() for g in block for t in masking.channel_params(graph, graph.group(g)))
+    def size(block):  # only the group's rows of a layer wider than the group (after a concatenation)
+        return sum(c.index.numel() * c.tensor[0].numel()
+                   for g in block for c in masking.carriers(graph, graph.group(g)))
 
     return sorted(blocks, key=size, reverse=True)  # stable: equal sizes keep model order
 
@@ -123,49 +124,95 @@ class BlockEvaluator:
         return points
 
 
-def _seed_population(scores: list[torch.Tensor], size: int, lowest: float) -> list[torch.Tensor]:
-    """Member i keeps the top share f_i of each group by L1, f_i evenly from 1 down to ``lowest``."""
+def _seed_population(scores: list[torch.Tensor], size: int, lowest: float, groups=None) -> list[torch.Tensor]:
+    """Member i keeps the top share f_i of each group by L1, f_i evenly from 1 down to ``lowest``.
+
+    With ``groups`` (the block's Group objects), each group picks its keep set itself
+    (``Group.choose``), so seeds respect its layout constraints (grouped convolutions)."""
     population = []
     for i in range(size):
         share = 1.0 - (1.0 - lowest) * i / max(size - 1, 1)
         parts = []
-        for s in scores:
+        for j, s in enumerate(scores):
             keep = torch.zeros(s.numel(), dtype=torch.bool)
-            keep[torch.topk(s, max(1, round(share * s.numel()))).indices] = True
+            width = max(1, round(share * s.numel()))
+            if groups is not None:
+                legal = groups[j].legal_widths() if hasattr(groups[j], "legal_widths") else [width]
+                keep[groups[j].choose(s, min(legal, key=lambda w: (abs(w - width), w)))] = True
+            else:
+                keep[torch.topk(s, width).indices] = True
             parts.append(keep)
         population.append(torch.cat(parts))
     return population
 
 
-def _repair_factory(sizes: list[int], scores: list[torch.Tensor]):
+def _legalise(group, part: torch.Tensor, score: torch.Tensor, rounding: str = "nearest") -> torch.Tensor:
+    """``part`` as a keep set its group allows (grouped convs, ``Group.check``): the legal width nearest
+    to its count (or the next one ``down`` / ``up``), chosen by the group, kept channels first, then by
+    L1. Bit flips know nothing of grouped convs; this is where a genome becomes a legal plan (our choice)."""
+    check = getattr(group, "check", None)
+    keep = torch.nonzero(part).flatten().tolist()
+    if check is None or check(keep) is None:
+        return part
+    legal, n = group.legal_widths(), len(keep)
+    if rounding == "down":
+        width = max([w for w in legal if w <= n] or legal[:1])
+    elif rounding == "up":
+        width = min([w for w in legal if w >= n] or legal[-1:])
+    else:
+        width = min(legal, key=lambda w: (abs(w - n), w))
+    s = score.float()
+    preference = 2 * part.float() + (s - s.min()) / (s.max() - s.min() + 1e-12)  # kept ones above any other
+    out = torch.zeros_like(part)
+    out[group.choose(preference, width)] = True
+    return out
+
+
+def _repair_factory(sizes: list[int], scores: list[torch.Tensor], groups=None, rounding: str = "nearest"):
+    """A repair keeping at least one filter per group and, with ``groups``, only legal keep sets."""
     best = [int(s.argmax()) for s in scores]
 
     def repair(genome: torch.Tensor) -> torch.Tensor:
         parts = list(genome.clone().split(sizes))
-        for part, b in zip(parts, best):
+        for j, (part, b) in enumerate(zip(parts, best)):
             if not part.any():
                 part[b] = True
+            if groups is not None:
+                parts[j] = _legalise(groups[j], part, scores[j], rounding)
         return torch.cat(parts)
 
     return repair
 
 
 def _fit_share(genome: torch.Tensor, evaluator: BlockEvaluator, scores: torch.Tensor, share: float) -> torch.Tensor:
-    """Drop the lowest-L1 filters until the share holds, then add the best dropped ones while it still holds."""
+    """Drop the lowest-L1 filters until the share holds, then add the best dropped ones while it still holds.
+
+    Each step is made legal for its group (a grouped conv may drop or add a whole unit at once)."""
     genome = genome.clone()
-    repair = _repair_factory(evaluator.sizes, list(scores.split(evaluator.sizes)))
+    graph = getattr(evaluator, "graph", None)
+    groups = [graph.group(g) for g in evaluator.block] if graph is not None else None
+    parts = list(scores.split(evaluator.sizes))
+    down = _repair_factory(evaluator.sizes, parts, groups, "down")
+    up = _repair_factory(evaluator.sizes, parts, groups, "up")
+    current = evaluator.kept(genome)
     for i in torch.argsort(scores).tolist():  # lowest first
-        if evaluator.kept(genome) <= share:
+        if current <= share:
             break
+        if not genome[i]:
+            continue
         trial = genome.clone()
         trial[i] = False
-        if torch.equal(repair(trial), trial):
-            genome = trial
+        trial = down(trial)
+        kept = evaluator.kept(trial)
+        if kept < current:  # not when it would empty a group
+            genome, current = trial, kept
     for i in torch.argsort(scores, descending=True).tolist():  # best first
         if not genome[i]:
-            genome[i] = True
-            if evaluator.kept(genome) > share:
-                genome[i] = False
+            trial = genome.clone()
+            trial[i] = True
+            trial = up(trial)
+            if evaluator.kept(trial) <= share:
+                genome = trial
     return genome
 
 
@@ -181,27 +228,34 @@ def _choose(picked: torch.Tensor, picked_point: nsga.Point | None, evaluator: Bl
     return picked if topped > picked_point[0] and not must_land else genome
 
 
-def _save_state(out: Path | None, state: dict, model: torch.nn.Module | None = None) -> None:
-    """Write the state; with ``model``, first the weights it starts from, so a cut never pairs a state with
-    the weights of an earlier block."""
-    if out is None:
+def _save_state(folder: Path | None, state: dict, model: torch.nn.Module | None = None) -> None:
+    """Commit the search state, with the weights its block starts from, as one step.
+
+    With ``model``, the block's start weights go first to a file named for the block;
+    the state, written last, names that file, and only then are other blocks' weight files
+    deleted. A kill at any point leaves a state whose weights file exists and is the right one.
+    """
+    if folder is None:
         return
+    weights = WEIGHTS.format(block=state["block"])
     if model is not None:
-        with atomic_path(out / WEIGHTS) as tmp:
+        with atomic_path(folder / weights) as tmp:
             torch.save(model.state_dict(), tmp)
-    with atomic_path(out / STATE) as tmp:
-        torch.save(state, tmp)
+        failpoint("smoea-weights-written")
+    with atomic_path(folder / STATE) as tmp:
+        torch.save(state | {"weights": weights}, tmp)
+    for old in folder.glob(WEIGHTS.format(block="*")):
+        if old.name != weights:
+            old.unlink(missing_ok=True)
 
 
-def _load_state(out: Path | None) -> tuple[dict, dict]:
-    """The saved state and weights of an interrupted run, or one clear error."""
-    if out is None or not (out / STATE).is_file() or not (out / WEIGHTS).is_file():
-        raise CompressorError(f"--resume found no smoea state to continue in {out} ({STATE} and {WEIGHTS})")
+def _load_state(folder: Path) -> tuple[dict, dict]:
+    """The saved state and the weights it names, or one clear error."""
     try:
-        return (torch.load(out / STATE, map_location="cpu", weights_only=True),
-                torch.load(out / WEIGHTS, map_location="cpu", weights_only=True))
+        state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+        return state, torch.load(folder / state["weights"], map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, or not a torch file: say which and stop
-        raise CompressorError(f"cannot read the smoea state in {out}: {e}") from None
+        raise CompressorError(f"cannot read the smoea state in {folder}: {e}") from None
 
 
 @register("smoea")
@@ -216,6 +270,7 @@ def smoea(request: PlanRequest) -> PruningPlan:
         raise CompressorError("smoea needs --population >= 4, --generations >= 0, --group-size >= 1, --search-samples >= 1")
     graph, model, budget, device = request.traced(), request.model, request.budget, request.device
     out = Path(request.out_dir) if request.out_dir is not None else None
+    folder = request.state_dir()
     step_epochs = 1 if opts.get("step_epochs") is None else int(opts["step_epochs"])
     settings = {"population": population, "generations": generations, "group_size": group_size, "seed": request.seed,
                 "samples": samples, "objective": objective, "crossover": kind, "budget": [budget.metric, budget.fraction],
@@ -226,20 +281,23 @@ def smoea(request: PlanRequest) -> PruningPlan:
     blocks = blocks_by_size(graph, group_size)
     masks = masking.full_masks(graph)
     saved = {"block": 0, "masks": masks, "fronts": [], "search": None, "settings": settings}
-    if opts.get("resume"):
-        saved, weights = _load_state(out)
+    resuming = opts.get("resume") and folder is not None and (folder / STATE).is_file()
+    if opts.get("resume") and not resuming:
+        print(f"smoea: no saved search state in {folder}; searching from the first block")
+    if resuming:
+        saved, weights = _load_state(folder)
         if saved.get("settings") != settings:
             raise CompressorError(f"--resume with other settings than the interrupted run: {saved.get('settings')} "
                                   f"vs {settings}")
         try:
             model.load_state_dict(weights)
         except RuntimeError as e:
-            raise CompressorError(f"the saved smoea weights in {out} do not fit this model: {e}") from None
+            raise CompressorError(f"the saved smoea weights in {folder} do not fit this model: {e}") from None
         masks = saved["masks"]
         masking.zero_masked(graph, masks)
         print(f"smoea: resuming at block {saved['block'] + 1}/{len(blocks)}")
     else:
-        _save_state(out, saved, model)
+        _save_state(folder, saved, model)
     fronts, evaluations, eval_seconds = saved["fronts"], 0, 0.0
     for b in range(saved["block"], len(blocks)):
         block = blocks[b]
@@ -248,18 +306,19 @@ def smoea(request: PlanRequest) -> PruningPlan:
         evaluator = BlockEvaluator(graph, block, request.data, device, samples, budget.metric, objective, fixed, cost)
         l1 = filter_l1(graph, [graph.group(g) for g in block])
         scores = torch.cat([l1[g] for g in block])
-        repair = _repair_factory(evaluator.sizes, [l1[g] for g in block])
+        repair = _repair_factory(evaluator.sizes, [l1[g] for g in block], [graph.group(g) for g in block])
         lowest = min(reference[g] / graph.group(g).width for g in block)
         g = torch.Generator().manual_seed(request.seed * 1000 + b)
         state = nsga.SearchState.from_dict(saved["search"]) if saved["search"] is not None else None
 
         def on_generation(s, b=b):
-            _save_state(out, {"block": b, "masks": masks, "fronts": fronts, "search": s.to_dict(), "settings": settings})
+            _save_state(folder, {"block": b, "masks": masks, "fronts": fronts, "search": s.to_dict(), "settings": settings})
             if opts.get("on_generation") is not None:  # tests interrupt here
                 opts["on_generation"](b, s)
 
         started = time.perf_counter()
-        result = nsga.search(evaluator, _seed_population([l1[n] for n in block], population, lowest), generations, g,
+        seeds = _seed_population([l1[n] for n in block], population, lowest, [graph.group(n) for n in block])
+        result = nsga.search(evaluator, seeds, generations, g,
                              kind, opts.get("mutation"), repair, state=state,
                              reference=(0.0, 1.0001) if objective == "accuracy" else None,
                              on_generation=on_generation)
@@ -290,9 +349,9 @@ def smoea(request: PlanRequest) -> PruningPlan:
               f"{accuracy:.2%}, {evaluator.kept(genome):.3f} of {budget.metric}")
         del evaluator
         if b < len(blocks) - 1 and step_epochs > 0:
-            fit(model, request.data, train_config(request, step_epochs, request.seed + b),
-                device, desc=f"smoea block {b + 1}", hooks=masking.hooks(graph, masks))
-        _save_state(out, {"block": b + 1, "masks": masks, "fronts": fronts, "search": None, "settings": settings},
+            fit(model, request.data, train_config(request, step_epochs, request.seed + b), device,
+                desc=f"smoea block {b + 1}", hooks=masking.hooks(graph, masks), state=request.stage(f"smoea-block{b + 1}"))
+        _save_state(folder, {"block": b + 1, "masks": masks, "fronts": fronts, "search": None, "settings": settings},
                     model)
     kept = cost.fractions(masking.widths(masks))[budget.metric]
     if abs(kept - budget.fraction) > budget.tolerance:

@@ -1,12 +1,19 @@
 """ONNX export with a dynamic batch axis, checked by onnx.checker and run by ONNX Runtime.
 
-The TorchScript-based exporter (``dynamo=False``) is used because it needs only the
+The TorchScript-based exporter (``dynamo=False``) is tried first because it needs only the
 ``onnx`` package; the dynamo exporter also needs onnxscript, which GPU images often lack.
+Where the TorchScript exporter cannot export a model (e.g. an adaptive average pool whose
+output size does not divide its input, as torchvision's VGGs at 64x64), the dynamo
+exporter is used when onnxscript is installed, and otherwise one error says what to do.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -14,10 +21,28 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..checks import number
 from ..errors import CompressorError
 from ..files import atomic_path
 
 INPUT, OUTPUT = "input", "logits"
+MIN_OPSET = 17
+EXPORTER_KEY = "compressor.exporter"  # metadata: which torch exporter wrote the file ("torchscript" or "dynamo")
+
+
+def max_opset() -> int:
+    """The newest opset both torch's exporter and the installed onnx know."""
+    import onnx
+
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:  # a private constant; without it, trust onnx
+        ONNX_MAX_OPSET = onnx.defs.onnx_opset_version()
+    return min(int(ONNX_MAX_OPSET), onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset) -> int:
+    return number("--opset", opset, integer=True, low=MIN_OPSET, high=max_opset())
 
 
 def export(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tensor, opset: int = 17,
@@ -25,24 +50,88 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tens
     """Write ``model`` as ONNX (batch axis dynamic). ``fp16`` converts weights and math, keeping fp32 I/O."""
     import onnx
 
-    if opset < 17:
-        raise CompressorError(f"ONNX opset must be 17 or higher, got {opset}")
+    check_opset(opset)
     model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
     x = example_inputs[:1].float().cpu()
     path = Path(path)
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(model, (x,), str(tmp), input_names=[INPUT], output_names=[OUTPUT],
-                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=opset,
-                          dynamo=False)
+        exporter = _export_graph(model, x, str(tmp), opset)
         proto = onnx.load(str(tmp))
         if simplify:
             proto = _simplify(proto)
         if fp16:
             proto = _to_fp16(proto)
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, EXPORTER_KEY: exporter})
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, str(tmp))
     return path
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporters' progress lines, notices, and the TorchScript graph they print on failure."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    if sys.stdout is not None:
+        sys.stdout.flush()
+    try:  # the TorchScript exporter's C++ log writes its graph to file descriptor 1 itself
+        saved = os.dup(1)
+        sink = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(sink, 1)
+        os.close(sink)
+    except OSError:
+        saved = None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _export_graph(model: nn.Module, x: torch.Tensor, path: str, opset: int) -> str:
+    """Export with the TorchScript exporter, or else the dynamo one; returns which one wrote ``path``."""
+    kwargs = dict(input_names=[INPUT], output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                  opset_version=opset)
+    try:
+        with _quiet():
+            torch.onnx.export(model, (x,), path, dynamo=False, **kwargs)
+        return "torchscript"
+    except getattr(torch.onnx, "OnnxExporterError", RuntimeError) as exc:  # what the exporter cannot convert
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    pool = "not factor of input size" in reason  # an adaptive pool that does not divide its input: dynamo can
+    pool_hint = (f"; or give the model an input size at which each adaptive pool's output size divides its input "
+                 f"(this input is {tuple(x.shape[1:])})") if pool else ""
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    except ImportError:
+        raise CompressorError(
+            f"the TorchScript ONNX exporter cannot export this model ({reason[:200]}); the dynamo exporter "
+            f"{'can' if pool else 'may'}, but needs onnxscript: pip install onnxscript "
+            f"(or pip install -e '.[onnx-extras]'){pool_hint}"
+        ) from None
+    try:
+        with _quiet():
+            torch.onnx.export(model, (x,), path, dynamo=True, verbose=False, **kwargs)
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CompressorError(f"neither ONNX exporter can export this model: TorchScript: {reason[:200]}; "
+                              f"dynamo: {detail}{pool_hint}") from exc
+    return "dynamo"
+
+
+def exporter_of(path: str | os.PathLike) -> str | None:
+    """Which torch exporter wrote an ONNX file of ours ("torchscript" or "dynamo"); None if not recorded."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return next((p.value for p in proto.metadata_props if p.key == EXPORTER_KEY), None)
 
 
 def _simplify(proto):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint, data as datasets
+from ..checks import choice, number
 from ..data import DeviceBatches
 from ..errors import CompressorError
 from ..files import write_json
@@ -38,6 +39,27 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_options(precision: str = "fp16", opset: int = 17, min_batch: int = 1, opt_batch: int = 32,
+                  max_batch: int = 256, workspace_gib: float = 4.0, verify_batch: int = 256,
+                  min_agreement: float = 0.99) -> None:
+    """Refuse a bad export number (NaN and inf too) with one clear error, before anything is loaded.
+
+    ``compress run --export`` calls this before training, ``export`` before reading its checkpoint.
+    """
+    from .onnx import check_opset
+    from .tensorrt import PRECISIONS
+
+    choice("--trt-precision", precision, PRECISIONS)
+    check_opset(opset)
+    for flag, value in (("--min-batch", min_batch), ("--opt-batch", opt_batch), ("--max-batch", max_batch),
+                        ("verify_batch", verify_batch)):
+        number(flag, value, integer=True, low=1)
+    if not min_batch <= opt_batch <= max_batch:
+        raise CompressorError(f"need 1 <= min batch <= opt batch <= max batch, got {min_batch}, {opt_batch}, {max_batch}")
+    number("--workspace-gib", workspace_gib, low=0, low_open=True)
+    number("min_agreement", min_agreement, low=0, high=1)
+
+
 def export(source: str | Path, formats: str = "onnx", out: str | Path | None = None, data_dir: str | None = None,
            precision: str = "fp16", opset: int = 17, onnx_fp16: bool = False, simplify: bool = False,
            min_batch: int = 1, opt_batch: int = 32, max_batch: int = 256, workspace_gib: float = 4.0,
@@ -45,12 +67,11 @@ def export(source: str | Path, formats: str = "onnx", out: str | Path | None = N
     names = parse_formats(formats)
     if not names:
         raise CompressorError("no export format given; use --export onnx,trt,aoti")
+    check_options(precision, opset, min_batch, opt_batch, max_batch, workspace_gib, verify_batch, min_agreement)
     if "trt" in names:
         from . import tensorrt
 
         tensorrt.require()  # stop before any work when TensorRT or a GPU is missing
-    if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise CompressorError(f"need 1 <= min batch <= opt batch <= max batch, got {min_batch}, {opt_batch}, {max_batch}")
     ckpt, run_dir = _source(Path(source))
     out = Path(out) if out else (run_dir / "export" if run_dir else ckpt.parent / f"{ckpt.stem}-export")
     model, spec = checkpoint.load(ckpt, with_spec=True)
@@ -75,7 +96,7 @@ def export(source: str | Path, formats: str = "onnx", out: str | Path | None = N
         onnx_path = onnx.export(model, out / f"{stem}.onnx", x, opset=opset, fp16=onnx_fp16, simplify=simplify)
         checked("onnx", onnx_path, lambda: onnx.OnnxRuntimeModel(onnx_path, "cpu")(x))
         results["onnx"] |= {"opset": opset, "fp16": onnx_fp16, "simplified": simplify,
-                            "input": onnx.INPUT, "output": onnx.OUTPUT}
+                            "input": onnx.INPUT, "output": onnx.OUTPUT, "exporter": onnx.exporter_of(onnx_path)}
     if "aoti" in names:
         from . import aoti
 

@@ -1,0 +1,69 @@
+"""Cost of resumable training: epoch time with progress saved at every epoch end, against without.
+
+The two are timed in turn in one process (plain, saved, plain, saved, ...) so that drift of a
+shared machine falls on both; the result is the median of the per-round ratios. Each round
+trains the same fresh model for one epoch with the same seed.
+
+    python benchmarks/checkpoint_overhead.py --data-dir data --dataset cifar10 --model conv4 --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from compressor import data as datasets, models
+from compressor.pipeline import device_name, versions
+from compressor.resume import StageState
+from compressor.train import TrainConfig, fit, pick_device
+
+
+def epoch_seconds(model_name, data, device, state_path, every, seed=0):
+    torch.manual_seed(seed)
+    model = models.create(model_name, data.num_classes, data.input_shape[0])
+    state = StageState(state_path, every) if state_path is not None else None
+    start = time.perf_counter()
+    fit(model, data, TrainConfig(1, seed=seed), device, desc="bench", state=state)
+    return time.perf_counter() - start
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--model", default="conv4")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--every", type=int, default=0, help="also save every N steps (0: epoch ends only)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="write the result as JSON here")
+    args = p.parse_args()
+    device = pick_device(args.device)
+    data = datasets.load(args.dataset, args.data_dir, 0.1, 0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            plain = epoch_seconds(args.model, data, device, None, 0)
+            path = Path(tmp) / f"round{r}.pt"
+            saved = epoch_seconds(args.model, data, device, path, args.every)
+            rows.append({"plain_s": plain, "saved_s": saved, "ratio": saved / plain,
+                         "state_bytes": path.stat().st_size})
+            print(f"round {r + 1}: plain {plain:.2f}s, with state saved {saved:.2f}s, ratio {saved / plain:.4f}",
+                  flush=True)
+    result = {"command": "python benchmarks/checkpoint_overhead.py " + " ".join(
+                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name(device),
+              "dataset": data.name, "model": args.model, "train_images": len(data.train_y), "rounds": rows,
+              "median_ratio": statistics.median(r["ratio"] for r in rows), "versions": versions()}
+    print(f"median ratio (saved / plain): {result['median_ratio']:.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
