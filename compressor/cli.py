@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from . import criteria, models
+from . import criteria, distributed, models
 from .errors import CompressorError
 from .pipeline import RunConfig, run
 
@@ -78,9 +78,27 @@ def _run_parser(sub) -> None:
 
 
 def _export_options(p) -> None:
+    def at_least_one(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        return value
+
     g = p.add_argument_group("export")
     g.add_argument("--trt-precision", default="fp16", choices=["fp32", "fp16", "int8"],
-                   help="TensorRT engine precision (int8 calibrates on training images)")
+                   help="TensorRT engine precision (int8: see --trt-int8)")
+    g.add_argument("--trt-int8", default="qdq", choices=["qdq", "calibrator"],
+                   help="int8 engine from the onnx-int8 Q/DQ file (explicit, default), or from the fp32 ONNX with "
+                        "TensorRT's implicit calibrator (TensorRT 10 only, deprecated there)")
+    g.add_argument("--calibration-images", type=at_least_one, default=512, metavar="N",
+                   help="onnx-int8: training images (fixed seed) that calibrate activation ranges (default 512)")
+    g.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"],
+                   help="onnx-int8: ONNX Runtime calibration method (default minmax)")
+    g.add_argument("--no-accuracy", dest="accuracy", action="store_false",
+                   help="skip each artifact's top-1 accuracy on the whole test split (measured by default)")
     g.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     g.add_argument("--onnx-fp16", action="store_true", help="convert the ONNX file to fp16 (needs onnxconverter-common)")
     g.add_argument("--onnx-simplify", action="store_true", help="simplify the ONNX graph with onnxslim")
@@ -91,14 +109,42 @@ def _export_options(p) -> None:
     g.add_argument("--triton-repo", help="also write a Triton model repository here (onnx and trt artifacts)")
 
 
+def _checked(flag: str, integer: bool = False, low=0, low_open: bool = True):
+    """An argparse type for a benchmark number that `compress run --bench` must refuse before training
+    (checked when the command line is read; bench() checks the same with the same words)."""
+    def parse(text: str):
+        from .checks import number
+
+        try:
+            return number(flag, int(text) if integer else float(text), integer=integer, low=low, low_open=low_open)
+        except (ValueError, CompressorError) as exc:
+            raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, CompressorError) else
+                                             f"{flag} takes a {'whole number' if integer else 'number'}, not {text!r}"
+                                             ) from None
+    return parse
+
+
 def _bench_options(p) -> None:
+    from .bench.backends import COMPILE_MODES
+
     g = p.add_argument_group("benchmark")
     g.add_argument("--backends", help="eager,compile,aoti,ort,trt (default eager,ort)")
     g.add_argument("--batch-sizes", help="comma-separated batch sizes (default 1,32)")
-    g.add_argument("--precision", default="fp32", help="benchmark precision: fp32, or fp16 on a GPU")
+    g.add_argument("--precision", default="fp32",
+                   help="comma-separated: fp32, fp16 (GPU), int8 (ort only; other backends skip it) (default fp32)")
     g.add_argument("--warmup", type=int, default=10)
-    g.add_argument("--min-iters", type=int, default=30)
+    g.add_argument("--min-iters", type=int, default=30, help="timed calls per model and point, at least")
     g.add_argument("--min-seconds", type=float, default=1.0, help="time each point for at least this long")
+    g.add_argument("--rounds", type=_checked("--rounds", integer=True, low=1, low_open=False), default=10,
+                   help="dense and pruned alternate in at least this many rounds of short bursts; the speedup "
+                        "is the median of the per-round ratios (default 10)")
+    g.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode (default: default, quick to compile; reduce-overhead and max-autotune "
+                        "capture CUDA graphs on a GPU, max-autotune also tunes kernels for minutes)")
+    g.add_argument("--point-seconds", type=_checked("--point-seconds"), default=60.0,
+                   help="cap on each build and each point; one past it is recorded as timed out (default 60)")
+    g.add_argument("--total-seconds", type=_checked("--total-seconds"),
+                   help="stop starting points after this long; --resume does the rest (default: no limit)")
 
 
 def _export_parser(sub) -> None:
@@ -111,9 +157,15 @@ def _export_parser(sub) -> None:
 
 
 def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="time a run's dense and pruned models on each backend")
+    p = sub.add_parser("bench", help="time a run's dense and pruned models on each backend",
+                       description="Time dense against pruned, interleaved, on each backend, precision and batch "
+                                   "size. Each point lands in RUN_DIR/bench.jsonl as it finishes; bench.json, "
+                                   "bench.md and plots are written at the end.")
     p.add_argument("run_dir")
     p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the bench.jsonl of an interrupted bench (same settings), skipping its points")
+    p.add_argument("--overwrite", action="store_true", help="start afresh, replacing an earlier bench.jsonl")
     _bench_options(p)
 
 
@@ -164,12 +216,17 @@ def _inspect_parser(sub) -> None:
 def _export_kwargs(args) -> dict:
     return dict(precision=args.trt_precision, opset=args.opset, onnx_fp16=args.onnx_fp16,
                 simplify=args.onnx_simplify, min_batch=args.min_batch, opt_batch=args.opt_batch,
-                max_batch=args.max_batch, workspace_gib=args.workspace_gib, triton_repo=args.triton_repo)
+                max_batch=args.max_batch, workspace_gib=args.workspace_gib, triton_repo=args.triton_repo,
+                accuracy=args.accuracy, calibration_images=args.calibration_images,
+                calibration_method=args.calibration_method, trt_int8=args.trt_int8)
 
 
 def _bench_kwargs(args) -> dict:
+    # `compress run --resume/--overwrite --bench` continues or replaces the run's bench.jsonl too
     return dict(backends=args.backends, batch_sizes=args.batch_sizes, precision=args.precision, warmup=args.warmup,
-                min_iters=args.min_iters, min_seconds=args.min_seconds)
+                min_iters=args.min_iters, min_seconds=args.min_seconds, rounds=args.rounds,
+                compile_mode=args.compile_mode, point_seconds=args.point_seconds, total_seconds=args.total_seconds,
+                resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False))
 
 
 def cmd_run(args, argv) -> None:
@@ -273,8 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compress: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("compress: interrupted; finished files are complete, unfinished ones were not written", file=sys.stderr)
+        print("compress: interrupted; finished files are complete, unfinished ones were not written; "
+              "`compress run ... --resume` continues a run from its last saved epoch", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown()
     return 0
 
 

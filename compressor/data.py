@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .errors import DataError
 from .files import atomic_path
 
@@ -255,7 +256,7 @@ class DeviceBatches:
     """
 
     def __init__(self, data: ImageData, split: str, batch_size: int, device, train: bool = False, seed: int = 0,
-                 channels_last: bool = False):
+                 channels_last: bool = False, split_ranks: bool = False):
         self.x = getattr(data, f"{split}_x").to(device, non_blocking=True)
         self.y = getattr(data, f"{split}_y").to(device, non_blocking=True)
         self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
@@ -263,6 +264,7 @@ class DeviceBatches:
         self.batch_size, self.train, self.flip = batch_size, train, data.flip and train
         self.padding = max(1, self.x.shape[-1] // 8) if train else 0
         self.channels_last = channels_last
+        self.split_ranks = split_ranks  # each torchrun rank keeps its share of every global batch
         self.generator = torch.Generator(device=self.x.device).manual_seed(seed)
 
     def __len__(self):
@@ -286,6 +288,9 @@ class DeviceBatches:
                 x = random_crop(x, self.padding, self.generator)
             if self.flip:
                 x = random_flip(x, self.generator)
+            if self.split_ranks:  # after the random draws for the whole batch: the ranks together see one batch
+                part = distributed.shard(len(y))
+                x, y = x[part], y[part]
             x = (x.float() / 255.0 - self.mean) / self.std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -8,11 +8,21 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import distributed
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    Under torchrun only rank 0 writes: other ranks get a scratch path that is thrown away,
+    so no code that writes a file needs to ask which rank it runs on.
+    """
     path = Path(path)
+    if not distributed.is_main():
+        with tempfile.TemporaryDirectory() as scratch:
+            yield Path(scratch) / path.name
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
@@ -39,9 +49,14 @@ _hits: dict[str, int] = {}
 
 def failpoint(name: str) -> None:
     """A test hook: SIGKILL this process at the named point when ``COMPRESSOR_KILL_AT`` is ``name``
-    (or ``name@N``, at its N-th pass). The resume tests cut a run there, as a reclaimed machine would."""
+    (or ``name@N``, at its N-th pass; under torchrun only on rank ``COMPRESSOR_KILL_RANK`` if set, and
+    never after an elastic restart). The resume tests cut a run there, as a reclaimed machine would."""
     wanted = os.environ.get("COMPRESSOR_KILL_AT")
     if not wanted or not wanted.startswith(name):
+        return
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return  # a worker that torchrun restarted is not cut again
+    if os.environ.get("COMPRESSOR_KILL_RANK", str(distributed.rank())) != str(distributed.rank()):
         return
     target, _, count = wanted.partition("@")
     if target == name:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, criteria, data as datasets, models, surgery
+from . import checkpoint, criteria, data as datasets, distributed, models, surgery
 from .budget import Budget
 from .errors import CompressorError
 from .files import write_json, write_text
@@ -129,9 +129,11 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise CompressorError(f"run directory {out} is not empty; pass --overwrite or choose another --out")
-        # metrics.json marks a finished run, so it goes first; the other files are replaced
-        # atomically as the new run writes them (the old dense.pt may be this run's --checkpoint)
-        (out / "metrics.json").unlink(missing_ok=True)
+    if not distributed.is_main():
+        return  # under torchrun, rank 0 prepares the directory
+    # metrics.json marks a finished run, so it goes first; the other files are replaced
+    # atomically as the new run writes them (the old dense.pt may be this run's --checkpoint)
+    (out / "metrics.json").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -172,6 +174,10 @@ def run(config: RunConfig) -> dict:
     config.validate()  # every number and name, before any data is read or any epoch is spent
     t0 = time.perf_counter()
     saved_config = None
+    if distributed.restarted():  # torchrun's elastic agent restarted the workers: go on, don't redo
+        config = replace(config, resume=True)
+    if distributed.launched() and not config.out:
+        raise CompressorError("under torchrun, give --out: every rank, and a restarted job, must find the same run")
     if config.resume:
         if not config.out:
             raise CompressorError("--resume continues a run: give its --out")
@@ -201,9 +207,11 @@ def run(config: RunConfig) -> dict:
     if config.round_to < 1:
         raise CompressorError(f"--round-to must be at least 1, got {config.round_to}")
     options = criterion_options(config)
-    device = pick_device(config.device)
+    device = distributed.setup(pick_device(config.device))
+    distributed.quiet_others()
     out = Path(config.out) if config.out else default_out(config)
     prepare_out(out, config.overwrite or config.resume)
+    distributed.barrier()  # every rank has checked the directory before rank 0 changes it
     state = RunState(out, config.checkpoint_every)
     state.lock()
     try:
@@ -213,6 +221,7 @@ def run(config: RunConfig) -> dict:
         left = state.remove_partials()
         if left:
             print(f"removed {len(left)} unfinished file(s) of an interrupted process: {', '.join(p.name for p in left)}")
+        distributed.barrier()  # no rank reads saved progress before rank 0 has cleared a stale one
         metrics = _run(config, out, state, options, budget, device, t0, resumed=saved_config is not None)
         state.close(finished=True)
     finally:
@@ -268,6 +277,12 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
     request = criteria.PlanRequest(model, graph.example_inputs, budget, config.round_to, config.max_ratio,
                                    config.seed, data, device, graph, options=options, out_dir=out, state=state)
     plan = criteria.make_plan(config.method, request)
+    if distributed.active():  # every rank prunes alike: rank 0's plan, checked against each rank's own
+        own, plan = plan, distributed.broadcast(plan)
+        same = all(distributed.all_gather(own.keep == plan.keep))
+        request.report["distributed"] = {"world": distributed.world(), "plans_equal_on_every_rank": same}
+        if not same:
+            print("warning: the ranks' plans differed (nondeterministic kernels?); every rank uses rank 0's")
     seconds["plan"] = time.perf_counter() - stage
     write_text(out / "plan.json", plan.to_json() + "\n")
 
@@ -312,6 +327,7 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
         "device": device_name(device),
         "versions": versions(),
     }
+    distributed.barrier()  # a rank that died stops the job here: no metrics.json for an unfinished run
     write_json(out / "metrics.json", metrics)
     print(summary(metrics, out))
     return metrics

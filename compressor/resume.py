@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .errors import CompressorError
 from .files import atomic_path
 
@@ -66,7 +67,11 @@ class RunState:
         return StageState(self.dir / f"{name}.pt", self.every_steps)
 
     def lock(self) -> None:
-        """Refuse a second process in the same run directory (its files would interleave)."""
+        """Refuse a second process in the same run directory (its files would interleave).
+
+        Under torchrun, rank 0 owns the directory: it alone locks, clears and cleans it."""
+        if not distributed.is_main():
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         handle = open(self.dir / "lock", "w")
         try:
@@ -79,6 +84,8 @@ class RunState:
     def remove_partials(self) -> list[Path]:
         """Delete the temporary files a killed process left (safe: this process holds the lock)."""
         found = []
+        if not distributed.is_main():
+            return found
         for folder in (self.dir.parent, self.dir):
             if folder.is_dir():
                 found += [p for p in folder.glob(".*.partial") if p.is_file()]
@@ -88,13 +95,13 @@ class RunState:
 
     def clear(self) -> None:
         """Forget every saved stage (a fresh run, or a finished one)."""
-        if self.dir.is_dir():
+        if self.dir.is_dir() and distributed.is_main():
             for p in self.dir.iterdir():
                 if p.name != "lock":
                     shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
     def close(self, finished: bool) -> None:
-        if finished and self.dir.is_dir():
+        if finished and self.dir.is_dir() and distributed.is_main():
             shutil.rmtree(self.dir, ignore_errors=True)
         if self._lock is not None:
             self._lock.close()

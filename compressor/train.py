@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import resume
+from . import distributed, resume
 from .data import DeviceBatches, ImageData
 from .errors import CompressorError
 from .files import failpoint
@@ -108,7 +108,8 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
     torch.manual_seed(config.seed)
     prepare(model, device)
     batches = DeviceBatches(data, "train", config.batch_size, device, train=True, seed=config.seed,
-                            channels_last=device.type == "cuda")
+                            channels_last=device.type == "cuda", split_ranks=distributed.active())
+    net = distributed.wrap(model, device)  # DDP averages the gradients of the ranks' shares of each batch
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
     optimizer = torch.optim.SGD(
@@ -174,7 +175,7 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
                    dynamic_ncols=True, disable=None, total=len(batches), initial=first_step)
         for step, (x, y) in enumerate(bar, start=first_step):
             with autocast(device):
-                logits = model(x)
+                logits = net(x)
                 loss = criterion(logits, y)
                 if hooks.penalty is not None:
                     terms = hooks.penalty((epoch * len(batches) + step) / total)
@@ -196,17 +197,21 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
             seen += len(y)
             if not bar.disable and step % 20 == 0:  # reading values back syncs the GPU; do it rarely
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.1%}")
-            if every and (step + 1) % every == 0 and step + 1 < len(batches):
+            if every and distributed.is_main() and (step + 1) % every == 0 and step + 1 < len(batches):
                 writer.save(state.path, snapshot(epoch, step + 1, order, {
                     "loss": loss_sum, "correct": correct, "seen": seen, "terms": term_sums}))
         first_step = 0
         if device.type == "cuda":
             torch.cuda.synchronize()
+        if distributed.active():  # the epoch's figures over every rank's share
+            loss_sum, correct = distributed.all_sum(loss_sum), distributed.all_sum(correct)
+            term_sums = {k: distributed.all_sum(torch.as_tensor(v, device=device)) for k, v in term_sums.items()}
+            seen = int(distributed.all_sum(torch.tensor(seen, device=device)))
         record = {"epoch": epoch + 1, "loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
                   "seconds": time.perf_counter() - start}
         record.update({name: float(v) / seen for name, v in term_sums.items()})  # penalty terms, included in loss
         history.append(record)
-        if state is not None:
+        if state is not None and distributed.is_main():  # every rank holds the same weights; rank 0 writes
             writer.save(state.path, snapshot(epoch + 1, 0, None, None))
         tqdm.write(f"{desc} epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, "
                    f"train acc {record['train_acc']:.2%}, {record['seconds']:.1f}s")
@@ -226,7 +231,9 @@ def accuracy(model: nn.Module, batches: DeviceBatches, device: torch.device) -> 
     model.eval()
     correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in batches:
+        part = distributed.shard(len(y))  # under torchrun each rank scores its share; the counts are summed
         with autocast(device):
-            correct += (model(x).argmax(1) == y).sum()
+            correct += (model(x[part]).argmax(1) == y[part]).sum()
+    correct = distributed.all_sum(correct)
     n = len(batches.y)
     return correct.item() / n if n else float("nan")

@@ -149,6 +149,9 @@ def test_export_command_writes_verified_artifacts(run_dir, tmp_path, capsys):
     results = json.loads((run_dir / "export" / "export.json").read_text())
     assert results["onnx"]["verification"]["top1_agreement"] >= 0.99 and results["verify_images"] == 256
     assert results["onnx"]["exporter"] == "torchscript"  # conv4's global pool divides: no onnxscript needed
+    # accuracy of the artifact on the whole test split, beside PyTorch's
+    assert results["accuracy"]["images"] == 256 and 0 <= results["accuracy"]["pytorch"] <= 1
+    assert results["onnx"]["accuracy"] == pytest.approx(results["accuracy"]["pytorch"], abs=1 / 256)
     assert json.loads((run_dir / "metrics.json").read_text())["export"]["onnx"]["path"] == results["onnx"]["path"]
     assert (repo / "conv4-pruned-onnx" / "1" / "model.onnx").is_file()
     assert "top-1 agreement" in capsys.readouterr().out

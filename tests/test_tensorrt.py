@@ -83,6 +83,20 @@ def test_precision_plan_per_tensorrt_version():
         plan(10, "int4", False, False)
 
 
+def test_int8_source_per_tensorrt_version():
+    # TensorRT 10: explicit (Q/DQ ONNX) preferred, implicit calibrator still there (deprecated); 11+: Q/DQ only
+    assert tensorrt.plan_int8(10, "qdq") == "qdq"
+    assert tensorrt.plan_int8(10, "calibrator") == "calibrator"
+    assert tensorrt.plan_int8(11, "qdq") == "qdq"
+    with pytest.raises(CompressorError, match="removed implicit int8 calibration.*--trt-int8 qdq"):
+        tensorrt.plan_int8(11, "calibrator")
+    with pytest.raises(CompressorError, match="--trt-int8 must be one of qdq, calibrator"):
+        tensorrt.plan_int8(10, "modelopt")
+    # a Q/DQ ONNX (onnx-int8) builds strongly typed with no precision flags, so no calibrator is attached
+    for major in (10, 11):
+        assert tensorrt.plan_precision(major, "int8", False, True) == (True, ())
+
+
 def test_onnx_types(tmp_path):
     assert tensorrt.onnx_types(export_onnx(tmp_path / "fp32.onnx")) == (False, False)
 
@@ -165,6 +179,28 @@ def test_int8_engine_writes_and_reuses_a_calibration_cache(tmp_path):
     assert tensorrt.TensorRTModel(again)(x).shape == (8, 10)
     with pytest.raises(CompressorError, match="calibration batches"):
         tensorrt.build_engine(onnx_path, tmp_path / "none.engine", precision="int8", calibration_batches=[])
+
+
+@needs_trt
+def test_int8_engine_from_qdq_onnx_is_explicitly_quantized(tmp_path):
+    from compressor.export import quantize
+
+    onnx_path = export_onnx(tmp_path / "tiny.onnx")
+    torch.manual_seed(3)
+    images = torch.randn(64, 3, 32, 32)
+    qdq = quantize.quantize(onnx_path, tmp_path / "tiny-int8.onnx", images, tensorrt=True)
+    assert tensorrt.onnx_types(qdq) == (False, True)
+    engine = tensorrt.build_engine(qdq, tmp_path / "tiny-int8.engine", precision="int8", opt_batch=16,
+                                   max_batch=64, calibration_cache=tmp_path / "unused.calib")
+    side = json.loads(tensorrt.sidecar_path(engine).read_text())
+    assert side["strongly_typed"] and side["calibration_batches"] is None
+    assert side["quantization"] == "explicit (Q/DQ in the ONNX)" and side["onnx"] == "tiny-int8.onnx"
+    assert not (tmp_path / "unused.calib").exists()  # no calibrator ran
+    x = torch.randn(32, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        expected = tiny_model().cuda()(x)
+    got = tensorrt.TensorRTModel(engine)(x)
+    assert (got.argmax(1) == expected.argmax(1)).float().mean().item() >= 0.9
 
 
 @needs_trt

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import masking, nsga
+from .. import distributed, masking, nsga
 from ..budget import CostModel, solve_widths
 from ..data import DeviceBatches
 from ..errors import BudgetError, CompressorError
@@ -244,7 +244,7 @@ def _save_state(folder: Path | None, state: dict, model: torch.nn.Module | None 
         failpoint("smoea-weights-written")
     with atomic_path(folder / STATE) as tmp:
         torch.save(state | {"weights": weights}, tmp)
-    for old in folder.glob(WEIGHTS.format(block="*")):
+    for old in folder.glob(WEIGHTS.format(block="*")) if distributed.is_main() else ():
         if old.name != weights:
             old.unlink(missing_ok=True)
 

@@ -1,4 +1,5 @@
-"""Export backends: ONNX (checked with ONNX Runtime), TensorRT engines, AOTInductor packages.
+"""Export backends: ONNX (checked with ONNX Runtime), int8 ONNX (ONNX Runtime static quantization,
+QDQ), TensorRT engines, AOTInductor packages.
 
 Every backend builds an artifact from a model, loads it back as a callable on torch
 tensors, and is checked against PyTorch on real inputs with :func:`verify`. Backends are
@@ -10,7 +11,7 @@ import torch
 
 from ..errors import CompressorError
 
-FORMATS = ("onnx", "trt", "aoti")
+FORMATS = ("onnx", "onnx-int8", "trt", "aoti")
 
 
 def parse_formats(text: str | None) -> list[str]:

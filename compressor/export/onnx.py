@@ -28,6 +28,8 @@ from ..files import atomic_path
 INPUT, OUTPUT = "input", "logits"
 MIN_OPSET = 17
 EXPORTER_KEY = "compressor.exporter"  # metadata: which torch exporter wrote the file ("torchscript" or "dynamo")
+SPEC_KEY = "compressor.spec"  # metadata: the checkpoint's ModelSpec as JSON (compressor.runtime reads it)
+MAX_BATCH_KEY = "compressor.max_batch"  # metadata: the largest batch the artifact is meant for (decimal)
 
 
 def max_opset() -> int:
@@ -46,8 +48,12 @@ def check_opset(opset) -> int:
 
 
 def export(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tensor, opset: int = 17,
-           fp16: bool = False, simplify: bool = False) -> Path:
-    """Write ``model`` as ONNX (batch axis dynamic). ``fp16`` converts weights and math, keeping fp32 I/O."""
+           fp16: bool = False, simplify: bool = False, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model`` as ONNX (batch axis dynamic). ``fp16`` converts weights and math, keeping fp32 I/O.
+
+    ``metadata`` (str -> str, e.g. ``{SPEC_KEY: json}``) goes into ``metadata_props``, set after the
+    fp16 / simplify conversions so that neither can drop it.
+    """
     import onnx
 
     check_opset(opset)
@@ -62,7 +68,8 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tens
             proto = _simplify(proto)
         if fp16:
             proto = _to_fp16(proto)
-        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, EXPORTER_KEY: exporter})
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **(metadata or {}),
+                                            EXPORTER_KEY: exporter})
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, str(tmp))
     return path
@@ -132,6 +139,32 @@ def exporter_of(path: str | os.PathLike) -> str | None:
 
     proto = onnx.load(str(path), load_external_data=False)
     return next((p.value for p in proto.metadata_props if p.key == EXPORTER_KEY), None)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """An ONNX file's ``metadata_props`` as a dict (weights in external files are not read)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's parse errors have many types
+        raise CompressorError(f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})") from None
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def write_metadata(path: str | os.PathLike, props: dict[str, str]) -> None:
+    """Add (or replace) ``metadata_props`` entries of an existing ONNX file, atomically; the rest is kept."""
+    import onnx
+
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise CompressorError(f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})") from None
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                        **{str(k): str(v) for k, v in props.items()}})
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
 
 
 def _simplify(proto):

@@ -4,8 +4,9 @@ Written against the TensorRT 10.x Python API. TensorRT 10 can still build *weakl
 networks, where builder flags (FP16, INT8 with an implicit calibrator) let it pick lower
 precisions; both are deprecated there. TensorRT 11 removed them: every network is
 *strongly typed*, so precision comes from the ONNX itself (an fp16 ONNX, or explicit
-QuantizeLinear/DequantizeLinear nodes, e.g. from NVIDIA Model Optimizer). All of that
-branching lives in :func:`plan_precision`.
+QuantizeLinear/DequantizeLinear nodes: compress's own ``onnx-int8`` export, made by ONNX
+Runtime's static quantizer, or NVIDIA Model Optimizer). All of that branching lives in
+:func:`plan_precision` and :func:`plan_int8`.
 
 TensorRT cannot be installed on the machines this project is developed on, so its tests
 skip there with the reason; nothing here has been executed against a real TensorRT yet.
@@ -80,10 +81,30 @@ def plan_precision(major: int, precision: str, fp16_onnx: bool, qdq: bool) -> tu
                                   "with NVIDIA Model Optimizer AutoCast)")
         if precision == "int8":
             raise CompressorError(f"TensorRT {major}.x removed implicit int8 calibration: quantize the model with "
-                                  "explicit Q/DQ nodes (e.g. NVIDIA Model Optimizer, `pip install nvidia-modelopt`) "
-                                  "and build from that Q/DQ ONNX")
+                                  "explicit Q/DQ nodes (compress export --formats onnx-int8, or NVIDIA Model "
+                                  "Optimizer, `pip install nvidia-modelopt`) and build from that Q/DQ ONNX")
         return True, ()
     return False, {"fp32": (), "fp16": ("FP16",), "int8": ("FP16", "INT8")}[precision]
+
+
+INT8_SOURCES = ("qdq", "calibrator")
+
+
+def plan_int8(major: int, source: str) -> str:
+    """Where an int8 engine's scales come from on TensorRT ``major``: ``"qdq"`` or ``"calibrator"``.
+
+    ``qdq`` (explicit quantization, TensorRT 10's preferred path and 11's only one): the engine
+    is built from the Q/DQ ONNX of ``--export onnx-int8``, strongly typed, with no calibrator and
+    no precision flags; the scales are the ones ONNX Runtime calibrated and that file was checked
+    with. ``calibrator`` (implicit quantization): the fp32 ONNX with the INT8 flag and an
+    IInt8EntropyCalibrator2 fed with training images; deprecated in TensorRT 10, removed in 11.
+    """
+    if source not in INT8_SOURCES:
+        raise CompressorError(f"--trt-int8 must be one of {', '.join(INT8_SOURCES)}, not {source!r}")
+    if source == "calibrator" and major >= 11:
+        raise CompressorError(f"TensorRT {major}.x removed implicit int8 calibration: build int8 from the Q/DQ ONNX "
+                              "(--trt-int8 qdq, the default)")
+    return source
 
 
 def wants_fp16_onnx(precision: str) -> bool:
@@ -116,8 +137,11 @@ def build_engine(onnx_path, engine_path, *, precision: str = "fp16", min_batch: 
     """Build ``engine_path`` (and its JSON sidecar) from an ONNX file whose dim 0 is a dynamic batch.
 
     The engine is written atomically, after its sidecar, so an engine file that exists is finished.
-    ``calibration_batches`` (float32 NCHW tensors, normalised) feed TensorRT 10's int8 calibrator;
-    with an existing ``calibration_cache`` they may be omitted.
+    An int8 engine from a Q/DQ ONNX (``compress export --formats onnx-int8``) is explicitly
+    quantized: built strongly typed, with no calibrator, and ``calibration_batches`` are not used.
+    From a plain fp32 ONNX (TensorRT 10 only), ``calibration_batches`` (float32 NCHW tensors,
+    normalised) feed the implicit int8 calibrator; with an existing ``calibration_cache`` they
+    may be omitted.
     """
     trt = require()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -197,6 +221,8 @@ def build_engine(onnx_path, engine_path, *, precision: str = "fp16", min_batch: 
         "onnx": onnx_path.name,
         "source_sha256": source_sha256,
         "calibration_batches": calibrator.used if calibrator is not None else None,
+        "quantization": ("explicit (Q/DQ in the ONNX)" if qdq else
+                         "implicit (int8 calibrator)" if calibrator is not None else None),
     })
     with atomic_path(engine_path) as tmp:
         tmp.write_bytes(bytes(serialized))

@@ -1,0 +1,438 @@
+"""One way to run any artifact compressor writes, for services: ``load(path, device)``.
+
+``load`` opens a checkpoint (``.pt``), an ONNX file (fp32, fp16 or int8 Q/DQ, through ONNX
+Runtime), a TensorRT engine (``.engine``/``.plan``, CUDA only) or an AOTInductor package
+(``.pt2``, on the device it was compiled for) and returns a :class:`Runtime`, the same
+callable for all of them::
+
+    model = compressor.runtime.load("export/conv4-pruned.onnx")
+    logits = model(images_uint8, raw=True)      # NCHW pixels; the checkpoint's mean/std applied
+    logits = model(normalised_float_batch)      # already normalised, as in training
+    model.spec, model.max_batch, model.kind     # what the artifact was made from
+
+Artifacts carry the checkpoint's :class:`~compressor.checkpoint.ModelSpec` (input shape,
+classes, class names, normalisation): ONNX files in ``metadata_props`` (``compressor.spec``,
+``compressor.max_batch``), ``.pt2`` packages and TensorRT engines in a JSON sidecar
+``<artifact>.json`` (key ``spec``, beside ``max_batch``). :func:`write_metadata` writes it;
+``compress export`` calls it for every artifact. A file without it (a foreign ONNX) still
+loads, from what the file itself says, but ``raw=True`` is refused because its normalisation
+is unknown. Every mistake (missing file, unknown suffix, wrong device, wrong shape or
+dtype, too large a batch) is one :class:`~compressor.errors.CompressorError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from .checkpoint import ModelSpec
+from .errors import CompressorError
+from .files import write_json
+
+DEFAULT_MAX_BATCH = 256  # where the artifact sets no limit (a checkpoint, a foreign ONNX): as `--max-batch`
+KINDS = {".pt": "checkpoint", ".pth": "checkpoint", ".onnx": "onnx", ".engine": "tensorrt", ".plan": "tensorrt",
+         ".pt2": "aoti"}
+
+
+def sidecar_path(path) -> Path:
+    """``model.pt2`` -> ``model.pt2.json``; the same rule as the TensorRT exporter's."""
+    path = Path(path)
+    return path.with_suffix(path.suffix + ".json")
+
+
+def spec_to_dict(spec: ModelSpec) -> dict:
+    return dataclasses.asdict(spec)
+
+
+def spec_from_dict(data, where: str) -> ModelSpec:
+    """A ModelSpec from its JSON form; fields a newer writer added are ignored."""
+    if isinstance(data, str):
+        try:
+            data = json.loads(data)
+        except ValueError as exc:
+            raise CompressorError(f"{where}: the recorded model spec is not JSON ({exc})") from None
+    known = {f.name for f in dataclasses.fields(ModelSpec)}
+    if not isinstance(data, dict):
+        raise CompressorError(f"{where}: the recorded model spec is not an object")
+    try:
+        return ModelSpec(**{k: v for k, v in data.items() if k in known})
+    except TypeError as exc:
+        raise CompressorError(f"{where}: the recorded model spec is incomplete ({exc})") from None
+
+
+def write_metadata(path, spec: ModelSpec, max_batch: int | None = None) -> Path:
+    """Record ``spec`` (and the batch limit) in or beside the artifact ``path``, as :func:`load` reads it.
+
+    ONNX: ``metadata_props`` ``compressor.spec`` / ``compressor.max_batch`` (other entries kept).
+    ``.pt2`` / ``.engine``: merged into the JSON sidecar ``<artifact>.json`` as ``spec`` (and
+    ``max_batch`` if the sidecar has none: a TensorRT profile's own limit is never overwritten).
+    """
+    path = Path(path)
+    kind = KINDS.get(path.suffix.lower())
+    if not path.is_file():
+        raise CompressorError(f"no artifact at {path}")
+    if kind == "onnx":
+        from .export import onnx
+
+        props = {onnx.SPEC_KEY: json.dumps(spec_to_dict(spec))}
+        if max_batch is not None:
+            props[onnx.MAX_BATCH_KEY] = str(int(max_batch))
+        onnx.write_metadata(path, props)
+    elif kind in ("aoti", "tensorrt"):
+        side = sidecar_path(path)
+        info = _read_sidecar(path) or {}
+        info["spec"] = spec_to_dict(spec)
+        if max_batch is not None:
+            info.setdefault("max_batch", int(max_batch))
+        write_json(side, info)
+    elif kind == "checkpoint":
+        pass  # a checkpoint holds its spec already
+    else:
+        raise CompressorError(f"cannot record metadata for {path.name}: unknown artifact suffix")
+    return path
+
+
+def _read_sidecar(path) -> dict | None:
+    side = sidecar_path(path)
+    if not side.is_file():
+        return None
+    try:
+        data = json.loads(side.read_text())
+    except (OSError, ValueError) as exc:
+        raise CompressorError(f"{side} is not readable JSON ({exc}); delete it or re-export") from None
+    if not isinstance(data, dict):
+        raise CompressorError(f"{side} does not hold a JSON object; delete it or re-export")
+    return data
+
+
+def _device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise CompressorError(f"unknown device {device!r} ({exc}); use 'cpu' or 'cuda'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CompressorError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), not {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise CompressorError(f"device {device!r} asked for, but torch ({torch.__version__}, {build}) sees no "
+                                  "CUDA GPU; use device='cpu' (not possible for TensorRT engines or CUDA .pt2 "
+                                  "packages)")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise CompressorError(f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
+class Runtime:
+    """A loaded artifact: ``model(images, raw=False)`` -> float32 logits ``(N, classes)`` on :attr:`device`.
+
+    ``images``: an NCHW batch, torch tensor or numpy array, of ``1..max_batch`` images of
+    :attr:`input_shape`. ``raw=True``: pixels, uint8 in [0, 255] or float in [0, 1]; the
+    spec's per-channel mean/std are applied here. ``raw=False``: float input already
+    normalised (uint8 is refused: it can only be pixels). Calls are not thread-safe for every
+    kind (a TensorRT execution context is not): serialise them in a threaded server.
+    """
+
+    kind: str = ""
+
+    def __init__(self, path: Path, device: torch.device, spec: ModelSpec | None, max_batch: int,
+                 input_shape=None, num_classes: int | None = None, min_batch: int = 1,
+                 input_dtype: torch.dtype = torch.float32):
+        self.path, self.device, self.spec = path, device, spec
+        self.max_batch, self.min_batch = int(max_batch), int(min_batch)
+        shape = spec.input_shape if spec is not None else input_shape
+        self.input_shape = tuple(int(d) for d in shape) if shape is not None else None
+        self.num_classes = spec.num_classes if spec is not None else num_classes
+        self.input_dtype = input_dtype
+        self._mean = self._std = None
+        norm = spec.normalization if spec is not None else {}
+        if norm and norm.get("mean") is not None and norm.get("std") is not None:
+            mean = torch.tensor(norm["mean"], dtype=torch.float32).flatten()
+            std = torch.tensor(norm["std"], dtype=torch.float32).flatten()
+            channels = self.input_shape[0] if self.input_shape else len(mean)
+            if len(mean) != channels or len(std) != channels or not bool((std > 0).all()):
+                raise CompressorError(f"{path.name}: the recorded normalisation (mean {norm['mean']}, "
+                                      f"std {norm['std']}) "
+                                      f"does not fit {channels} input channels with positive std")
+            self._mean = mean.view(1, -1, 1, 1).to(device)
+            self._std = std.view(1, -1, 1, 1).to(device)
+
+    # -- what the artifact is ------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.spec.classes) if self.spec is not None and self.spec.classes else []
+
+    @property
+    def normalization(self) -> dict:
+        return dict(self.spec.normalization) if self.spec is not None else {}
+
+    def describe(self) -> dict:
+        """A JSON-ready summary (what a service's health endpoint shows)."""
+        return {"kind": self.kind, "path": self.path.name, "device": str(self.device),
+                "input_shape": list(self.input_shape) if self.input_shape else None,
+                "num_classes": self.num_classes, "classes": self.class_names, "normalization": self.normalization,
+                "min_batch": self.min_batch, "max_batch": self.max_batch, "has_spec": self.spec is not None,
+                "model": self.spec.model if self.spec is not None else None}
+
+    def __repr__(self) -> str:
+        return (f"Runtime(kind={self.kind!r}, path={self.path.name!r}, device={str(self.device)!r}, "
+                f"input_shape={self.input_shape}, max_batch={self.max_batch})")
+
+    # -- calling -------------------------------------------------------------------------
+    def __call__(self, images, raw: bool = False) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.prepare(images, raw)
+            out = self._run(x)
+        if not torch.is_tensor(out):
+            out = torch.as_tensor(np.asarray(out))
+        return out.float().to(self.device)
+
+    def prepare(self, images, raw: bool = False) -> torch.Tensor:
+        """Check ``images`` and turn them into the artifact's input tensor (on its device, in its dtype)."""
+        x = _as_tensor(images)
+        want = f"(N, {', '.join(map(str, self.input_shape))})" if self.input_shape else "(N, C, H, W)"
+        if x.dim() != 4:
+            hint = "; add a batch axis: images[None]" if x.dim() == 3 else ""
+            raise CompressorError(f"expected an NCHW batch {want}, got an array of shape {tuple(x.shape)}{hint}")
+        if self.input_shape and tuple(x.shape[1:]) != self.input_shape:
+            raise CompressorError(f"wrong input shape: expected {want}, got {tuple(x.shape)}")
+        n = int(x.shape[0])
+        if n == 0:
+            raise CompressorError("empty batch: send at least one image")
+        if n > self.max_batch:
+            raise CompressorError(f"batch of {n} images is over this {self.kind} artifact's maximum of "
+                                  f"{self.max_batch}; split it into batches of at most {self.max_batch}")
+        if n < self.min_batch:
+            raise CompressorError(f"batch of {n} images is under this {self.kind} artifact's minimum of "
+                                  f"{self.min_batch}")
+        if x.dtype == torch.uint8:
+            if not raw:
+                raise CompressorError("uint8 images are pixels: call with raw=True to apply the model's "
+                                      "normalisation, or pass normalised float input")
+        elif not x.dtype.is_floating_point:
+            raise CompressorError(f"images must be uint8 (pixels) or float, not {str(x.dtype).removeprefix('torch.')}")
+        x = x.to(self.device)
+        if raw:
+            if self.spec is None:
+                raise CompressorError(f"{self.path.name} records no model spec, so its normalisation is unknown: "
+                                      "raw=True is not possible; pass normalised float input (raw=False), or "
+                                      "re-export it with compress export")
+            if self._mean is None:
+                raise CompressorError(f"{self.path.name}'s spec records no normalisation (mean/std): raw=True is "
+                                      "not possible; pass the input the model was trained on (raw=False)")
+            if x.dtype == torch.uint8:
+                x = x.float() / 255.0
+            else:
+                x = x.float()
+                low, high = float(x.min()), float(x.max())
+                if low < -1e-3 or high > 1 + 1e-3:
+                    raise CompressorError(f"raw float images must be in [0, 1], got values in [{low:.4g}, {high:.4g}]; "
+                                          "divide pixels by 255, or pass uint8")
+            x = (x - self._mean) / self._std
+        return x.to(self.input_dtype).contiguous()
+
+    def _run(self, x: torch.Tensor):
+        raise NotImplementedError
+
+
+def _as_tensor(images) -> torch.Tensor:
+    if torch.is_tensor(images):
+        return images.detach()
+    if isinstance(images, np.ndarray):
+        if images.dtype == object or images.dtype.kind not in "uifb":
+            raise CompressorError(f"images must be a numeric array, not dtype {images.dtype}")
+        if not images.flags.writeable or not images.dtype.isnative:
+            images = np.array(images, dtype=images.dtype.newbyteorder("="), copy=True)
+        return torch.from_numpy(np.ascontiguousarray(images))
+    raise CompressorError(f"images must be a torch tensor or a numpy array (NCHW), not {type(images).__name__}")
+
+
+class CheckpointRuntime(Runtime):
+    kind = "checkpoint"
+
+    def __init__(self, path: Path, device: torch.device, max_batch: int | None):
+        from . import checkpoint
+
+        model, spec = checkpoint.load(path, with_spec=True)
+        self.model = model.to(device).eval()
+        super().__init__(path, device, spec, max_batch or DEFAULT_MAX_BATCH)
+
+    def _run(self, x):
+        return self.model(x)
+
+
+class OnnxRuntime(Runtime):
+    kind = "onnx"
+    _TYPES: ClassVar[dict] = {"tensor(float)": (np.float32, torch.float32),
+                              "tensor(float16)": (np.float16, torch.float16),
+                              "tensor(double)": (np.float64, torch.float64)}
+
+    def __init__(self, path: Path, device: torch.device, max_batch: int | None, threads: int | None):
+        import onnxruntime as ort
+
+        from .export import onnx as onnx_export
+
+        meta = onnx_export.read_metadata(path)
+        spec = spec_from_dict(meta[onnx_export.SPEC_KEY], path.name) if onnx_export.SPEC_KEY in meta else None
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        providers = onnx_export.providers(device.type)  # one clear error when CUDA's provider is missing
+        if device.type == "cuda":
+            providers = [("CUDAExecutionProvider", {"device_id": device.index}), "CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise CompressorError(f"ONNX Runtime cannot load {path.name}: {type(exc).__name__}: {exc}") from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) < 1:
+            raise CompressorError(f"{path.name} has {len(inputs)} inputs and {len(outputs)} outputs; this runtime "
+                                  "serves models with one image input and logits as first output")
+        self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        if inputs[0].type not in self._TYPES:
+            raise CompressorError(f"{path.name}'s input {self.input_name!r} is {inputs[0].type}; this runtime feeds "
+                                  "floating-point images")
+        self._np_dtype, torch_dtype = self._TYPES[inputs[0].type]
+        shape = list(inputs[0].shape)
+        if len(shape) != 4:
+            raise CompressorError(f"{path.name}'s input {self.input_name!r} has shape {shape}, not NCHW")
+        static = shape[1:] if all(isinstance(d, int) and d > 0 for d in shape[1:]) else None
+        if spec is not None and static is not None and list(spec.input_shape) != static:
+            raise CompressorError(f"{path.name}: its graph takes (N, {', '.join(map(str, static))}) but its "
+                                  f"recorded spec says {spec.input_shape}; re-export it")
+        fixed = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+        limit = fixed or (int(meta[onnx_export.MAX_BATCH_KEY]) if onnx_export.MAX_BATCH_KEY in meta else None)
+        out_shape = outputs[0].shape
+        classes = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
+        super().__init__(path, device, spec, _limit(path, limit, max_batch), static, classes,
+                         min_batch=fixed or 1, input_dtype=torch_dtype)
+        self._classes = classes
+        if device.type == "cuda" and (torch_dtype != torch.float32 or not classes):
+            raise CompressorError(f"{path.name}: ONNX Runtime on CUDA here needs float32 input and a static "
+                                  "class count; run it on device='cpu'")
+
+    def _run(self, x):
+        try:
+            if self.device.type == "cuda":  # IOBinding: torch owns both buffers, no host round trip
+                out = torch.empty((x.shape[0], self._classes), device=self.device, dtype=torch.float32)
+                binding = self.session.io_binding()
+                binding.bind_input(self.input_name, "cuda", self.device.index, np.float32, tuple(x.shape),
+                                   x.data_ptr())
+                binding.bind_output(self.output_name, "cuda", self.device.index, np.float32, tuple(out.shape),
+                                    out.data_ptr())
+                torch.cuda.current_stream(self.device).synchronize()
+                self.session.run_with_iobinding(binding)
+                binding.synchronize_outputs()
+                return out
+            out = self.session.run([self.output_name], {self.input_name: x.numpy().astype(self._np_dtype, copy=False)})
+        except Exception as exc:  # noqa: BLE001 - e.g. a foreign model's own shape check
+            raise CompressorError(f"ONNX Runtime refused the batch of shape {tuple(x.shape)}: "
+                                  f"{str(exc).strip().splitlines()[0][:300]}") from None
+        return torch.from_numpy(out[0])
+
+
+class AOTIRuntime(Runtime):
+    kind = "aoti"
+
+    def __init__(self, path: Path, device: torch.device, max_batch: int | None):
+        from .export import aoti
+
+        info = {**aoti.package_metadata(path), **(_read_sidecar(path) or {})}  # sidecar wins
+        compiled_for = info.get("device") or info.get("AOTI_DEVICE_KEY")
+        if not compiled_for:
+            raise CompressorError(f"{path} is not an AOTInductor package (no AOTI metadata inside; a .pt2 from "
+                                  "torch.export.save is an exported program, not a compiled package)")
+        if torch.device(compiled_for).type != device.type:
+            raise CompressorError(f"{path.name} was compiled for {compiled_for}, so it runs only there: load it with "
+                                  f"device='{torch.device(compiled_for).type}' (or export one for {device.type})")
+        spec = spec_from_dict(info["spec"], path.name) if info.get("spec") else None
+        shape = info.get("input_shape")
+        dtype = getattr(torch, str(info.get("dtype", "float32")), torch.float32)
+        try:
+            self.model = aoti.AOTIModel(path, device_index=device.index if device.type == "cuda" else -1)
+        except CompressorError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise CompressorError(f"cannot load the AOTInductor package {path.name} (built with torch "
+                                  f"{info.get('torch', '?')}, this is {torch.__version__}): {type(exc).__name__}: "
+                                  f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from None
+        super().__init__(path, device, spec, _limit(path, info.get("max_batch"), max_batch), shape,
+                         info.get("num_classes"), min_batch=int(info.get("min_batch", 1)), input_dtype=dtype)
+
+    def _run(self, x):
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                return self.model(x)
+        return self.model(x)
+
+
+class TensorRTRuntime(Runtime):
+    kind = "tensorrt"
+
+    def __init__(self, path: Path, device: torch.device, max_batch: int | None):
+        if device.type != "cuda":
+            raise CompressorError(f"{path.name} is a TensorRT engine, which runs only on a CUDA GPU: load it with "
+                                  "device='cuda'")
+        from .export import tensorrt
+
+        info = _read_sidecar(path) or {}
+        self.model = tensorrt.TensorRTModel(path, device)
+        low, high = self.model.batch_range
+        spec = spec_from_dict(info["spec"], path.name) if info.get("spec") else None
+        shape = tuple(int(d) for d in self.model.engine.get_tensor_shape(self.model.input_name))[1:]
+        shape = shape if shape and all(d > 0 for d in shape) else None
+        out = tuple(int(d) for d in self.model.engine.get_tensor_shape(self.model.output_name))
+        if spec is not None and shape is not None and tuple(spec.input_shape) != shape:
+            raise CompressorError(f"{path.name}: the engine takes (N, {', '.join(map(str, shape))}) but its sidecar's "
+                                  f"spec says {spec.input_shape}; re-export it")
+        super().__init__(path, device, spec, _limit(path, high, max_batch), shape,
+                         out[-1] if out and out[-1] > 0 else None, min_batch=low, input_dtype=self.model.input_dtype)
+
+    def _run(self, x):
+        return self.model(x)
+
+
+def _limit(path: Path, artifact_max, wanted) -> int:
+    """The batch limit: the artifact's own (if it has one), lowered to ``wanted`` if asked."""
+    if wanted is not None:
+        if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
+            raise CompressorError(f"max_batch must be a positive integer, not {wanted!r}")
+        if artifact_max is not None and wanted > int(artifact_max):
+            raise CompressorError(f"max_batch {wanted} is over what {path.name} was built for ({artifact_max})")
+        return wanted
+    return int(artifact_max) if artifact_max is not None else DEFAULT_MAX_BATCH
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", max_batch: int | None = None,
+         threads: int | None = None) -> Runtime:
+    """Open the artifact at ``path`` on ``device`` as a :class:`Runtime` (see the module's docstring).
+
+    ``max_batch`` lowers the artifact's own batch limit (default: the limit it was exported with,
+    else {DEFAULT_MAX_BATCH}); ``threads`` sets ONNX Runtime's intra-op threads. Works under
+    ``torch.inference_mode()`` and ``torch.no_grad()``.
+    """
+    path = Path(path)
+    kind = KINDS.get(path.suffix.lower())
+    if kind is None:
+        raise CompressorError(f"{path.name}: unknown artifact type {path.suffix or '(no suffix)'!r}; compressor "
+                              f"loads {', '.join(sorted(KINDS))}")
+    if not path.is_file():
+        raise CompressorError(f"no {kind} artifact at {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    dev = _device(device)
+    if kind == "checkpoint":
+        return CheckpointRuntime(path, dev, _limit(path, None, max_batch) if max_batch is not None else None)
+    if kind == "onnx":
+        return OnnxRuntime(path, dev, max_batch, threads)
+    if kind == "aoti":
+        return AOTIRuntime(path, dev, max_batch)
+    return TensorRTRuntime(path, dev, max_batch)
+
+
+load.__doc__ = load.__doc__.replace("{DEFAULT_MAX_BATCH}", str(DEFAULT_MAX_BATCH))
