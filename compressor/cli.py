@@ -22,6 +22,19 @@ def _run_parser(sub) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget-macs", type=float, metavar="F", help="fraction of MACs to keep (default 0.5)")
     budget.add_argument("--budget-params", type=float, metavar="F", help="fraction of parameters to keep")
+    budget.add_argument("--budget-latency", type=float, metavar="F",
+                        help="fraction of the dense model's measured latency to keep (see 'latency budget')")
+    budget.add_argument("--budget-ms", type=float, metavar="T", help="target latency in milliseconds")
+    g = p.add_argument_group("latency budget", "with --budget-latency / --budget-ms: a per-layer latency table is "
+                             "measured on the backend (cached), the widths solved against it, and the pruned model "
+                             "timed whole (within 10%% of the target, else the target is corrected and solved again)")
+    g.add_argument("--latency-backend", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "eager", "compile", "trt"],
+                   help="where latency is measured (default ort-cpu; eager/compile run on --device)")
+    g.add_argument("--latency-batch", type=int, default=1, metavar="B", help="batch size timed (default 1)")
+    g.add_argument("--latency-cache", metavar="DIR", help="latency table cache (default $COMPRESSOR_LATENCY_CACHE, "
+                   "else $XDG_CACHE_HOME/compressor/latency, i.e. ~/.cache/compressor/latency)")
+    g.add_argument("--latency-step", type=int, metavar="C", help="table grid step in channels (default --round-to; "
+                   "finer where a group would have fewer than 4 widths)")
     p.add_argument("--epochs", type=int, help="dense training epochs (default 15, or 0 with --checkpoint)")
     p.add_argument("--finetune-epochs", type=int, default=5)
     p.add_argument("--checkpoint", help="start from this trained checkpoint instead of training from scratch")
@@ -32,12 +45,20 @@ def _run_parser(sub) -> None:
     p.add_argument("--max-ratio", type=float, default=0.95, help="most of any one group that may be removed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of dense training")
-    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, help="training batch (default by device: CPU 128, CUDA 512)")
+    p.add_argument("--lr", type=float, help="peak learning rate of dense training (default: CPU 0.05; CUDA "
+                   "0.05 x batch / 128)")
+    p.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default: CPU 0.01; CUDA "
+                   "0.01 x batch / 128)")
     p.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine"])
-    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--label-smoothing", type=float, help="default by device: CPU 0, CUDA 0.1")
+    p.add_argument("--compile", choices=["auto", "on", "off"],
+                   help="torch.compile the training model (default auto: on CUDA only; on a CPU it needs a C++ compiler)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for scoring")
+    p.add_argument("--data-mode", default="auto", choices=["auto", "memory", "stream"],
+                   help="memory: decode the set into memory; stream: read ImageFolder trees from disk in DataLoader "
+                        "workers; auto (default): stream a folder whose decoded images exceed 4 GiB")
+    p.add_argument("--workers", type=int, metavar="N", help="stream mode's DataLoader workers (default min(8, CPUs))")
     g = p.add_argument_group("sensitivity criterion")
     g.add_argument("--levels", default="0.25,0.5,0.75", help="damage levels (share of filters zeroed, or noise scale)")
     g.add_argument("--damage", default="zero", choices=["zero", "noise"], help="zero lowest-L1 filters, or add noise")
@@ -71,7 +92,7 @@ def _run_parser(sub) -> None:
     g.add_argument("--mutation", type=float, help="bit-flip probability (default 1 / filters in the group)")
     g.add_argument("--objective", default="accuracy", choices=["accuracy", "loss"], help="what the search maximises")
     g.add_argument("--search-samples", type=int, default=2048, help="validation images that score a candidate")
-    p.add_argument("--export", metavar="FORMATS", help="after the run, export the pruned model: onnx,trt,aoti")
+    p.add_argument("--export", metavar="FORMATS", help="after the run, export the pruned model: onnx,onnx-int8,trt,aoti")
     p.add_argument("--bench", action="store_true", help="after the run, benchmark dense vs pruned (see compress bench)")
     _export_options(p)
     _bench_options(p)
@@ -150,7 +171,7 @@ def _bench_options(p) -> None:
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="export a run's pruned model (ONNX, TensorRT, AOTInductor), verified")
     p.add_argument("source", help="a run directory (its pruned.pt) or a checkpoint file")
-    p.add_argument("--formats", default="onnx", help="onnx,trt,aoti (default onnx)")
+    p.add_argument("--formats", default="onnx", help="onnx,onnx-int8,trt,aoti (default onnx)")
     p.add_argument("--out", help="output folder (default RUN_DIR/export)")
     p.add_argument("--data-dir", help="where the checkpoint's data set lives (for the verification batch)")
     _export_options(p)
@@ -236,14 +257,18 @@ def cmd_run(args, argv) -> None:
     from .export.run import check_options as check_export, export
     from .train import pick_device
 
-    metric, fraction = ("params", args.budget_params) if args.budget_params is not None else ("macs", args.budget_macs)
+    metric, fraction = next(((m, v) for m, v in (("params", args.budget_params), ("latency", args.budget_latency),
+                                                  ("latency_ms", args.budget_ms)) if v is not None),
+                            ("macs", args.budget_macs))
     fields = {k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__}
     config = RunConfig(**fields, budget_metric=metric, budget=0.5 if fraction is None else fraction,
                        argv=["compress", *argv])
     # every mistake the export and benchmark after the run would meet stops now, not after training
     config.validate()
     formats = parse_formats(args.export)
-    check_export(args.trt_precision, args.opset, args.min_batch, args.opt_batch, args.max_batch, args.workspace_gib)
+    check_export(args.trt_precision, args.opset, args.min_batch, args.opt_batch, args.max_batch, args.workspace_gib,
+                 calibration_images=args.calibration_images, calibration_method=args.calibration_method,
+                 trt_int8=args.trt_int8)
     check_bench(args.batch_sizes, args.warmup, args.min_iters, args.min_seconds)
     if args.bench:
         device = pick_device(args.device)
