@@ -1,8 +1,9 @@
 """Cost of resumable training: epoch time with progress saved at every epoch end, against without.
 
-The two are timed in turn in one process (plain, saved, plain, saved, ...) so that drift of a
-shared machine falls on both; the result is the median of the per-round ratios. Each round
-trains the same fresh model for one epoch with the same seed.
+The two are timed in turn in one process, the order alternating each round (plain then saved,
+saved then plain, ...), so that drift of a shared machine and any first-in-round effect fall
+on both; the result is the median of the per-round ratios. Each round trains the same fresh
+model for one epoch with the same seed.
 
     python benchmarks/checkpoint_overhead.py --data-dir data --dataset cifar10 --model conv4 --rounds 3
 """
@@ -48,9 +49,13 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            plain = epoch_seconds(args.model, data, device, None, 0)
             path = Path(tmp) / f"round{r}.pt"
-            saved = epoch_seconds(args.model, data, device, path, args.every)
+            if r % 2 == 0:
+                plain = epoch_seconds(args.model, data, device, None, 0)
+                saved = epoch_seconds(args.model, data, device, path, args.every)
+            else:
+                saved = epoch_seconds(args.model, data, device, path, args.every)
+                plain = epoch_seconds(args.model, data, device, None, 0)
             rows.append({"plain_s": plain, "saved_s": saved, "ratio": saved / plain,
                          "state_bytes": path.stat().st_size})
             print(f"round {r + 1}: plain {plain:.2f}s, with state saved {saved:.2f}s, ratio {saved / plain:.4f}",
