@@ -7,10 +7,15 @@ step to close the rounding gap, and checks the result with Torch-Pruning's own c
 on a pruned copy. An analytic cost model keeps the search cheap: each layer's dense MACs
 and parameters (from the counter) scale with the kept share of its input and output
 channel groups.
+
+A ``latency`` budget (measured time on a backend, see :mod:`compressor.latency`) prices
+widths with a measured per-layer lookup table instead, searches only widths on that
+table's grid, and checks the result by timing the whole pruned model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -19,29 +24,41 @@ from .errors import BudgetError
 from .plan import PruningPlan
 from .surgery import PRUNABLE_TYPES, Cost, Graph, count, pruned_copy
 
-METRICS = ("macs", "params")
+METRICS = ("macs", "params", "latency")
 
 
 @dataclass(frozen=True)
 class Budget:
-    metric: str  # "macs" or "params"
+    metric: str  # "macs", "params" or "latency"
     fraction: float  # share of the dense model's cost to keep
     tolerance: float = 0.01  # absolute, in the kept fraction: 0.25 lands in [0.24, 0.26]
+    # latency: a compressor.latency.LatencySpec (backend, batch, cache, ...); a latency Budget without one
+    # uses the active latency model (compressor.latency.prepare), as criteria that build step budgets do
+    latency: Any = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.metric not in METRICS:
             raise BudgetError(f"budget metric must be one of {METRICS}, not {self.metric!r}")
         if not 0.0 < self.fraction <= 1.0:
             raise BudgetError(f"a budget is the fraction of {self.metric} to keep, in (0, 1]; got {self.fraction}")
+        if self.metric == "latency" and self.tolerance == 0.01:  # the default: relative for measured time
+            from .latency import TOLERANCE
+
+            object.__setattr__(self, "tolerance", TOLERANCE * self.fraction)
 
     def __str__(self):
+        if self.metric == "latency" and self.latency is not None:
+            return f"{self.fraction:.4g} of latency ({self.latency.backend}, batch {self.latency.batch})"
         return f"{self.fraction:.4g} of {self.metric.upper() if self.metric == 'macs' else self.metric}"
 
 
 class CostModel:
-    """MACs and parameters of the model as a function of its group widths."""
+    """MACs and parameters (and latency, while a latency model is active) as a function of group widths."""
 
     def __init__(self, graph: Graph):
+        from .latency import active_for
+
+        self.latency = active_for(graph)  # criteria that read fractions()["latency"] get the measured model
         model, x = graph.model, graph.example_inputs
         was_training = model.training
         model.eval()
@@ -80,7 +97,10 @@ class CostModel:
                 factor = self._share(outs or ins, widths)
             macs += m * factor
             params += p * factor
-        return {"macs": macs / self.dense[0], "params": params / self.dense[1]}
+        found = {"macs": macs / self.dense[0], "params": params / self.dense[1]}
+        if self.latency is not None:
+            found["latency"] = self.latency.fraction(widths)
+        return found
 
 
 def allowed_widths(full: int, round_to: int, max_ratio: float, group=None) -> list[int]:
@@ -121,9 +141,15 @@ def solve_widths(
     full = model_cost.full
     ratios = {g: 1.0 for g in full} if ratios is None else {g: max(0.0, float(ratios.get(g, 0.0))) for g in full}
     choices = {g.name: allowed_widths(g.width, round_to, max_ratio, g) for g in graph.groups}
+    lat = None
+    if budget.metric == "latency":  # measured widths only, less those no faster than a wider one
+        from . import latency
+
+        lat = latency.model_for(graph, budget, round_to, max_ratio)
+        choices = lat.choices(choices)
 
     def frac(widths):
-        return model_cost.fractions(widths)[budget.metric]
+        return lat.fraction(widths) if lat is not None else model_cost.fractions(widths)[budget.metric]
 
     def nearest(g, ratio):
         target = full[g] * (1.0 - min(ratio, max_ratio))
@@ -156,6 +182,9 @@ def solve_widths(
         s = min((lo, hi), key=lambda v: abs(frac(at_scale(v)) - target))
         return _nudge(at_scale(s), choices, frac, target, budget.tolerance / 4, ideal(s))
 
+    if lat is not None:  # measured whole on the backend, the target corrected by the miss
+        widths, report = latency.solve(lat, budget, search, choices)
+        return Solution(widths, report["solves"][report["chosen"] - 1]["measured"], {"latency": report})
     dense = count(graph.model, graph.example_inputs)
     target, best = budget.fraction, None
     for _ in range(4):  # the analytic model can be off by a little; correct with the real counter

@@ -28,6 +28,7 @@ from .errors import DataError
 from .files import atomic_path
 
 TORCHVISION_SETS = ("mnist", "cifar10", "cifar100")
+DATA_MODES = ("auto", "memory", "stream")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -67,14 +68,33 @@ def load(
     val_fraction: float = 0.1,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
-) -> ImageData:
+    mode: str = "memory",
+    workers: int | None = None,
+):
     """Load data set ``name`` with a validation split carved from its training set.
 
     The split is fixed by ``seed``; criteria that score candidates use it, never the test set.
+    ``mode``: ``memory`` decodes everything into an :class:`ImageData`; ``stream`` reads an
+    ImageFolder tree from disk in ``workers`` DataLoader processes (a ``compressor.stream.StreamData``);
+    ``auto`` streams a folder whose decoded images would exceed ``stream.MEMORY_LIMIT_GIB``.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if mode not in DATA_MODES:
+        raise DataError(f"--data-mode must be one of {', '.join(DATA_MODES)}, not {mode!r}")
     data_dir = Path(data_dir) if data_dir else Path("data")
+    if mode != "memory":
+        from . import stream
+
+        folder = _image_folder_root(name, data_dir) if name not in ("digits", "synthetic") else None
+        if folder is None and mode == "stream":
+            raise DataError(f"--data-mode stream reads ImageFolder trees (train/ and test/); {name!r} is not one "
+                            "(use --data-mode auto or memory)")
+        if folder is not None:
+            listed = stream.listing(folder)
+            size = stream.decoded_bytes(len(listed[1]) + len(listed[2]), listed[3], listed[4])
+            if mode == "stream" or size > stream.MEMORY_LIMIT_GIB * 2**30:
+                return stream.open_folder(name, folder, val_fraction, seed, workers, listed)
     (train_x, train_y, test_x, test_y, classes), flip = _decoded(name, data_dir, cache_dir)
     return from_tensors(name, train_x, train_y, test_x, test_y, classes, val_fraction, seed, flip)
 
@@ -256,7 +276,7 @@ class DeviceBatches:
     """
 
     def __init__(self, data: ImageData, split: str, batch_size: int, device, train: bool = False, seed: int = 0,
-                 channels_last: bool = False, split_ranks: bool = False):
+                 channels_last: bool = False, split_ranks: bool = False, drop_last: bool = False):
         self.x = getattr(data, f"{split}_x").to(device, non_blocking=True)
         self.y = getattr(data, f"{split}_y").to(device, non_blocking=True)
         self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
@@ -266,8 +286,12 @@ class DeviceBatches:
         self.channels_last = channels_last
         self.split_ranks = split_ranks  # each torchrun rank keeps its share of every global batch
         self.generator = torch.Generator(device=self.x.device).manual_seed(seed)
+        self.order_device = self.x.device  # where epoch_order()'s tensor lives (a resumed one goes back there)
+        self.drop_last = drop_last and len(self.y) >= batch_size  # no partial last batch (one shape for compile)
 
     def __len__(self):
+        if self.drop_last:
+            return len(self.y) // self.batch_size
         return (len(self.y) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
@@ -280,7 +304,7 @@ class DeviceBatches:
     def iterate(self, order: torch.Tensor | None, first_batch: int = 0):
         """Batches in ``order`` from batch ``first_batch`` on: a resumed epoch continues where it stopped
         (with the generator's state restored, its crops and flips are the unbroken epoch's)."""
-        n = len(self.y)
+        n = len(self) * self.batch_size if self.drop_last else len(self.y)
         for start in range(first_batch * self.batch_size, n, self.batch_size):
             idx = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
             x, y = self.x[idx], self.y[idx]
@@ -295,6 +319,32 @@ class DeviceBatches:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y
+
+
+def batches(data, split: str, batch_size: int, device, train: bool = False, seed: int = 0,
+            drop_last: bool = False, split_ranks: bool | None = None):
+    """Batches of ``split`` for training (``train``: shuffled, augmented) or evaluation, whatever ``data`` is:
+    a :class:`DeviceBatches` for in-memory data, a loader-backed ``StreamBatches`` for streamed data.
+    Both have ``epoch_order()``, ``iterate(order, first_batch)``, ``generator``, ``len()``, ``y``,
+    ``split_ranks`` and ``order_device``. ``split_ranks`` (default: when training under torchrun):
+    each rank gets its slice of every global batch."""
+    device = torch.device(device)
+    if split_ranks is None:
+        split_ranks = train and distributed.active()
+    if not isinstance(data, ImageData) and hasattr(data, "batches"):
+        return data.batches(split, batch_size, device, train=train, seed=seed, drop_last=drop_last,
+                            split_ranks=split_ranks)
+    return DeviceBatches(data, split, batch_size, device, train=train, seed=seed,
+                         channels_last=device.type == "cuda", split_ranks=split_ranks, drop_last=drop_last)
+
+
+def val_subset(data, n: int):
+    """``data`` with only its first ``n`` validation images (they are in a seeded random order)."""
+    if hasattr(data, "val_subset"):
+        return data.val_subset(n)
+    from dataclasses import replace
+
+    return replace(data, val_x=data.val_x[:n], val_y=data.val_y[:n])
 
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, criteria, data as datasets, distributed, models, surgery
+from . import checkpoint, criteria, data as datasets, distributed, latency, models, surgery
 from .budget import Budget
 from .errors import CompressorError
 from .files import write_json, write_text
 from .resume import STATE_DIR, RunState
-from .train import TrainConfig, evaluate, fit, pick_device
+from .train import TrainConfig, evaluate, fit, pick_device, resolve_defaults
+
+TRAINING_DEFAULTS = ("batch_size", "lr", "finetune_lr", "label_smoothing", "compile")  # None: chosen by device
 
 @dataclass
 class RunConfig:
@@ -41,12 +43,17 @@ class RunConfig:
     max_ratio: float = 0.95
     seed: int = 0
     device: str = "auto"
-    batch_size: int = 128
-    lr: float = 0.05
-    finetune_lr: float = 0.01
+    # None: chosen by device once it is known (train.device_defaults): CPU 128 / 0.05 / 0.01 / 0.0 / off,
+    # CUDA 512 / lr scaled linearly with the batch / 0.1 / on
+    batch_size: int | None = None
+    lr: float | None = None
+    finetune_lr: float | None = None
     schedule: str = "onecycle"
-    label_smoothing: float = 0.0
+    label_smoothing: float | None = None
+    compile: str | None = None  # torch.compile the training model: auto (None: CUDA only), on, off
     val_fraction: float = 0.1
+    data_mode: str = "auto"  # auto, memory, stream (ImageFolder trees from disk through DataLoader workers)
+    workers: int | None = None  # stream mode's DataLoader workers (default min(8, CPUs))
     levels: str = "0.25,0.5,0.75"  # sensitivity: damage levels
     damage: str = "zero"  # sensitivity: zero or noise
     steps: int | None = None  # sensitivity (default 1) and psap (default 3): prune / train steps
@@ -69,6 +76,11 @@ class RunConfig:
     mutation: float | None = None
     objective: str = "accuracy"
     search_samples: int = 2048
+    # latency budget (budget_metric "latency": budget = fraction of dense latency; "latency_ms": budget = ms)
+    latency_backend: str = "ort-cpu"
+    latency_batch: int = 1
+    latency_cache: str | None = None  # default $COMPRESSOR_LATENCY_CACHE or ~/.cache/compressor/latency
+    latency_step: int | None = None  # table grid step in channels (default --round-to)
     argv: list[str] = field(default_factory=list)
 
     def validate(self) -> RunConfig:
@@ -82,10 +94,14 @@ class RunConfig:
 
         number("--epochs", self.epochs, integer=True, low=0, optional=True)
         number("--finetune-epochs", self.finetune_epochs, integer=True, low=0)
-        number("--lr", self.lr, low=0, low_open=True)
-        number("--finetune-lr", self.finetune_lr, low=0, low_open=True)
-        number("--batch-size", self.batch_size, integer=True, low=1)
-        number("--label-smoothing", self.label_smoothing, low=0, high=1, high_open=True)
+        number("--lr", self.lr, low=0, low_open=True, optional=True)
+        number("--finetune-lr", self.finetune_lr, low=0, low_open=True, optional=True)
+        number("--batch-size", self.batch_size, integer=True, low=1, optional=True)
+        number("--label-smoothing", self.label_smoothing, low=0, high=1, high_open=True, optional=True)
+        number("--workers", getattr(self, "workers", None), integer=True, low=0, optional=True)
+        if getattr(self, "compile", None) is not None:
+            choice("--compile", self.compile, ("auto", "on", "off"))
+        choice("--data-mode", getattr(self, "data_mode", "auto"), ("auto", "memory", "stream"))
         number("--val-fraction", self.val_fraction, low=0, high=1, high_open=True)
         number("--max-ratio", self.max_ratio, low=0, high=1, low_open=True, high_open=True)
         number("--round-to", self.round_to, integer=True, low=1)
@@ -93,7 +109,7 @@ class RunConfig:
         number("--checkpoint-every", getattr(self, "checkpoint_every", 0), integer=True, low=0)
         if self.budget_metric in ("macs", "params"):
             number(f"--budget-{self.budget_metric}", self.budget, low=0, high=1, low_open=True)
-        Budget(self.budget_metric, self.budget)  # the metric's name
+        latency.check_config(self)  # the metric's name; a latency budget's backend, batch and fraction / ms
         choice("--schedule", self.schedule, SCHEDULES)
         choice("--damage", self.damage, ("zero", "noise"))
         for flag, value, least, optional in (
@@ -190,7 +206,8 @@ def run(config: RunConfig) -> dict:
         else:
             config = _resumed(config, saved_config)
     # Fail fast on names and numbers, before any data is read or any epoch is spent.
-    budget = Budget(config.budget_metric, config.budget)
+    budget = latency.budget_from(config.budget_metric, config.budget, config.latency_backend, config.latency_batch,
+                                 config.latency_cache, config.latency_step)
     if config.method not in criteria.available():
         raise CompressorError(f"unknown method {config.method!r}; available: {', '.join(criteria.available())}")
     if config.from_scratch and (config.checkpoint or config.epochs):
@@ -233,10 +250,19 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
          t0: float, resumed: bool) -> dict:
     seconds: dict[str, float] = {}
     torch.manual_seed(config.seed)
+    # batch size, learning rates, label smoothing and compile left open are chosen for the device, once
+    resolved, chosen = resolve_defaults(device.type, {k: getattr(config, k) for k in TRAINING_DEFAULTS})
+    config = replace(config, **{k: v for k, v in resolved.items() if k != "compile"},
+                     compile="on" if resolved["compile"] else "off")
+    options = {**options, **criterion_options(config), "compile": resolved["compile"]}
+    training_defaults = {"device": device.type, **resolved, "chosen": chosen}
 
     stage = time.perf_counter()
-    data = datasets.load(config.dataset, config.data_dir, config.val_fraction, config.seed)
+    data = datasets.load(config.dataset, config.data_dir, config.val_fraction, config.seed, mode=config.data_mode,
+                         workers=config.workers)
     seconds["data"] = time.perf_counter() - stage
+    if not isinstance(data, datasets.ImageData):
+        print(f"data: streaming {data.name} from disk with {data.workers} loader workers")
     print(f"data: {data.name}, {len(data.train_y)} train / {len(data.val_y)} val / {len(data.test_y)} test, "
           f"{data.num_classes} classes, input {data.input_shape}")
 
@@ -266,7 +292,7 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
                                    normalization=data.normalization, dataset=data.name, classes=data.classes)
 
     train_cfg = TrainConfig(epochs, config.lr, config.batch_size, schedule=config.schedule,
-                            label_smoothing=config.label_smoothing, seed=config.seed)
+                            label_smoothing=config.label_smoothing, seed=config.seed, compile=resolved["compile"])
     stage = time.perf_counter()
     history = fit(model, data, train_cfg, device, desc="train", state=state.stage("train"))
     seconds["train"] = time.perf_counter() - stage
@@ -274,6 +300,7 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
     checkpoint.save(model, spec_of(model), out / "dense.pt")
 
     stage = time.perf_counter()
+    budget = latency.prepare(budget, graph, device, config.round_to, config.max_ratio)  # table, dense latency
     request = criteria.PlanRequest(model, graph.example_inputs, budget, config.round_to, config.max_ratio,
                                    config.seed, data, device, graph, options=options, out_dir=out, state=state)
     plan = criteria.make_plan(config.method, request)
@@ -296,7 +323,7 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
 
     stage = time.perf_counter()
     ft_cfg = TrainConfig(config.finetune_epochs, config.finetune_lr, config.batch_size, schedule="cosine",
-                         label_smoothing=config.label_smoothing, seed=config.seed + 1)
+                         label_smoothing=config.label_smoothing, seed=config.seed + 1, compile=resolved["compile"])
     ft_history = fit(model, data, ft_cfg, device, desc="finetune", state=state.stage("finetune"))
     seconds["finetune"] = time.perf_counter() - stage
     acc["finetuned"] = acc["pruned"] if not ft_history else {
@@ -311,10 +338,12 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": config.argv or None,
         "config": asdict(config) | {"epochs": epochs, "argv": None},
+        "training_defaults": training_defaults,
         "model": model_name,
         "dataset": data.name,
         "method": config.method,
         "budget": {"metric": budget.metric, "fraction": budget.fraction, "tolerance": budget.tolerance},
+        **latency.run_metrics(budget, model, dense_cost, pruned_cost),  # {"latency": ...} for a latency budget
         "accuracy": acc,
         "macs": {"dense": dense_cost.macs, "pruned": pruned_cost.macs, "fraction": pruned_cost.macs / dense_cost.macs},
         "params": {"dense": dense_cost.params, "pruned": pruned_cost.params,
@@ -334,7 +363,7 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
 
 
 RUN_JSON = "run.json"
-_NOT_SETTINGS = ("resume", "overwrite", "argv", "out")
+_NOT_SETTINGS = ("resume", "overwrite", "argv", "out", "workers")
 
 
 def _comparable(config: RunConfig) -> dict:

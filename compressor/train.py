@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import data as datasets
 from . import distributed, resume
-from .data import DeviceBatches, ImageData
+from .data import ImageData
 from .errors import CompressorError
 from .files import failpoint
 from .resume import StageState
@@ -35,6 +36,7 @@ class TrainConfig:
     schedule: str = "onecycle"
     label_smoothing: float = 0.0
     seed: int = 0
+    compile: bool = False  # torch.compile the training model (dynamic=False; the last partial batch is dropped)
 
     def __post_init__(self):
         """Refuse numbers training cannot use (NaN and inf too) with one CompressorError, before any data is touched."""
@@ -48,6 +50,8 @@ class TrainConfig:
         number("TrainConfig.label_smoothing", self.label_smoothing, low=0, high=1, high_open=True)
         number("TrainConfig.seed", self.seed, integer=True, low=0)
         choice("TrainConfig.schedule", self.schedule, SCHEDULES)
+        if not isinstance(self.compile, bool):
+            raise CompressorError(f"TrainConfig.compile must be True or False, not {self.compile!r}")
 
     def as_dict(self):
         return asdict(self)
@@ -67,6 +71,46 @@ class TrainHooks:
     after_backward: Callable[[], None] | None = None
     after_step: Callable[[], None] | None = None
     stateful: list = field(default_factory=list)  # objects with state_dict()/load_state_dict(), saved with progress
+
+
+CPU_BATCH, CPU_LR, CPU_FINETUNE_LR = 128, 0.05, 0.01
+
+
+def device_defaults(device_type: str, batch_size: int | None = None) -> dict:
+    """Training settings by device. CPU: today's (batch 128, lr 0.05, fine-tuning lr 0.01, no
+    compile, no smoothing). CUDA: batch 512, the learning rates scaled linearly with the batch
+    from the CPU ones at 128 (a user's ``batch_size`` scales them too), torch.compile, smoothing 0.1."""
+    if device_type == "cuda":
+        batch = 512 if batch_size is None else batch_size
+        return {"batch_size": batch, "lr": CPU_LR * batch / CPU_BATCH,
+                "finetune_lr": CPU_FINETUNE_LR * batch / CPU_BATCH, "label_smoothing": 0.1, "compile": True}
+    return {"batch_size": CPU_BATCH, "lr": CPU_LR, "finetune_lr": CPU_FINETUNE_LR, "label_smoothing": 0.0,
+            "compile": False}
+
+
+def resolve_defaults(device_type: str, given: dict) -> tuple[dict, list[str]]:
+    """``given`` (name -> value, None or for compile "auto" = choose by device) with every open value
+    chosen for ``device_type``; also the names that were chosen. Explicit values win."""
+    compile_ = given.get("compile")
+    compile_ = {"on": True, "off": False, "auto": None}.get(compile_, compile_)
+    given = {**given, "compile": compile_}
+    chosen = device_defaults(device_type, given.get("batch_size"))
+    names = [k for k in chosen if given.get(k) is None]
+    return {k: chosen[k] if given.get(k) is None else given[k] for k in chosen}, names
+
+
+_COMPILED: list = []  # the last (net, shapes, compiled module): one entry, so no model is kept alive for long
+
+
+def compiled(model: nn.Module, net: nn.Module) -> nn.Module:
+    """``net`` (the model, or DDP around it) under torch.compile (dynamic=False), reused while the same
+    net keeps the same shapes: successive fits of one model compile once, a pruned model once more."""
+    shapes = tuple(tuple(t.shape) for t in model.state_dict().values())
+    if _COMPILED and _COMPILED[0][0] is net and _COMPILED[0][1] == shapes:
+        return _COMPILED[0][2]
+    fn = torch.compile(net, dynamic=False)
+    _COMPILED[:] = [(net, shapes, fn)]
+    return fn
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -107,9 +151,11 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
         raise CompressorError(f"unknown schedule {config.schedule!r}; choose from {', '.join(SCHEDULES)}")
     torch.manual_seed(config.seed)
     prepare(model, device)
-    batches = DeviceBatches(data, "train", config.batch_size, device, train=True, seed=config.seed,
-                            channels_last=device.type == "cuda", split_ranks=distributed.active())
+    batches = datasets.batches(data, "train", config.batch_size, device, train=True, seed=config.seed,
+                               drop_last=config.compile)  # one batch shape: the compiled graph is built once
     net = distributed.wrap(model, device)  # DDP averages the gradients of the ranks' shares of each batch
+    if config.compile:
+        net = compiled(model, net)
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
     optimizer = torch.optim.SGD(
@@ -152,7 +198,7 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
         batches.generator.set_state(saved["data"])
         history = list(saved["history"])
         first_epoch, first_step = saved["epoch"], saved["step"]
-        order = saved["order"].to(batches.x.device) if saved["order"] is not None else None
+        order = saved["order"].to(batches.order_device) if saved["order"] is not None else None
         sums = saved["sums"]
         if first_epoch >= config.epochs:
             tqdm.write(f"{desc}: finished before the interruption; its saved result is loaded")
@@ -221,19 +267,23 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
 
 def evaluate(model: nn.Module, data: ImageData, split: str, device: torch.device, batch_size: int = 1024) -> float:
     """Top-1 accuracy on ``split`` ('val' or 'test')."""
-    return accuracy(model, DeviceBatches(data, split, batch_size, device, channels_last=device.type == "cuda"), device)
+    return accuracy(model, datasets.batches(data, split, batch_size, device, split_ranks=distributed.active()), device)
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, batches: DeviceBatches, device: torch.device) -> float:
-    """Top-1 accuracy over ``batches``; reuse one DeviceBatches to evaluate many times without re-copying data."""
+def accuracy(model: nn.Module, batches, device: torch.device, local: bool = False) -> float:
+    """Top-1 accuracy over ``batches``; reuse one DeviceBatches to evaluate many times without re-copying data.
+
+    ``local``: this rank scores every image itself (when the ranks evaluate different things)."""
     prepare(model, device)
     model.eval()
     correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in batches:
-        part = distributed.shard(len(y))  # under torchrun each rank scores its share; the counts are summed
+        # under torchrun each rank scores its share (batches with split_ranks hold only it); the counts are summed
+        part = slice(None) if local or getattr(batches, "split_ranks", False) else distributed.shard(len(y))
         with autocast(device):
             correct += (model(x[part]).argmax(1) == y[part]).sum()
-    correct = distributed.all_sum(correct)
+    if not local:
+        correct = distributed.all_sum(correct)
     n = len(batches.y)
     return correct.item() / n if n else float("nan")

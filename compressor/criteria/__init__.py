@@ -81,7 +81,8 @@ def train_config(request: PlanRequest, epochs: int, seed: int, schedule: str = "
     pipeline chose for it (the fine-tuning rate, or the dense one when starting from scratch)."""
     o = request.options
     return TrainConfig(epochs, lr=float(o.get("lr", 0.01)), batch_size=int(o.get("batch_size", 128)),
-                       schedule=schedule, label_smoothing=float(o.get("label_smoothing", 0.0)), seed=seed)
+                       schedule=schedule, label_smoothing=float(o.get("label_smoothing", 0.0)), seed=seed,
+                       compile=bool(o.get("compile", False)))
 
 
 def make_plan(method: str, request: PlanRequest) -> PruningPlan:

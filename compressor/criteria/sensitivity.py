@@ -26,8 +26,10 @@ import copy
 import torch
 import torch.nn as nn
 
+from .. import distributed
 from ..budget import Budget, solve_widths
-from ..data import DeviceBatches, ImageData
+from ..data import ImageData
+from ..data import batches as data_batches
 from ..errors import CompressorError
 from ..masking import carriers
 from ..plan import PruningPlan
@@ -70,22 +72,25 @@ def analyze(model: nn.Module, graph: Graph, data: ImageData, device: torch.devic
         raise CompressorError("sensitivity analysis needs a validation split (--val-fraction > 0)")
     if not levels or not all(0.0 < lv < 1.0 for lv in levels):
         raise CompressorError(f"damage levels must lie in (0, 1), got {list(levels)}")
-    batches = DeviceBatches(data, "val", batch_size, device, channels_last=device.type == "cuda")  # on the device once
+    batches = data_batches(data, "val", batch_size, device)  # in memory: on the device once
     base = accuracy(model, batches, device)
-    generator = torch.Generator().manual_seed(seed)
-    rows, sensitiveness = [], {}
+    rows = []
+    # Under torchrun the ranks split the groups and share their rows; each group's noise has its own seed,
+    # so the result does not depend on the number of ranks.
+    share = range(len(graph.groups))[distributed.shard(len(graph.groups))]
     with torch.no_grad():
-        for group in graph.groups:
-            drops = []
+        for i in share:
+            group = graph.groups[i]
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
             for level in levels:
                 saved = _damage(graph, group, level, mode, generator)
-                acc = accuracy(model, batches, device)
+                acc = accuracy(model, batches, device, local=True)
                 for t, copy_ in saved:
                     t.data.copy_(copy_)
-                drops.append(base - acc)
                 rows.append({"group": group.name, "width": group.width, "level": level, "mode": mode,
                              "accuracy": acc, "drop": base - acc})
-            sensitiveness[group.name] = sum(drops) / len(drops)
+    rows = [r for part in distributed.all_gather(rows) for r in part]
+    sensitiveness = {g.name: sum(r["drop"] for r in rows if r["group"] == g.name) / len(levels) for g in graph.groups}
     return {"base_accuracy": base, "mode": mode, "levels": list(levels), "rows": rows, "sensitiveness": sensitiveness}
 
 

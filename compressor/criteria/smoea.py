@@ -41,7 +41,6 @@ allocation; the search itself may prune a group further. Fronts go to
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,7 +48,8 @@ import torch.nn.functional as F
 
 from .. import distributed, masking, nsga
 from ..budget import CostModel, solve_widths
-from ..data import DeviceBatches
+from ..data import batches as data_batches
+from ..data import val_subset
 from ..errors import BudgetError, CompressorError
 from ..files import atomic_path, failpoint, write_json
 from ..plan import PruningPlan
@@ -83,8 +83,8 @@ class BlockEvaluator:
         self.metric, self.objective, self.fixed, self.cost = metric, objective, fixed_widths, cost
         self.sizes = [graph.group(g).width for g in block]
         self.split = Split(graph, block)
-        subset = replace(data, val_x=data.val_x[:samples], val_y=data.val_y[:samples])
-        batches = DeviceBatches(subset, "val", batch_size, device, channels_last=device.type == "cuda")
+        subset = val_subset(data, samples)
+        batches = data_batches(subset, "val", batch_size, device)
         graph.model.eval()
         with torch.no_grad(), autocast(device):
             self.cache = [(self.split.cut(x), y) for x, y in batches]
@@ -114,11 +114,13 @@ class BlockEvaluator:
         return correct.item() / self.n, loss.item() / self.n
 
     def __call__(self, genomes: list[torch.Tensor]) -> list[nsga.Point]:
+        """Objectives of each genome; under torchrun the ranks score a share each and gather them in order."""
         start = time.perf_counter()
         points = []
-        for genome in genomes:
+        for genome in genomes[distributed.shard(len(genomes))]:
             accuracy, loss = self.quality(genome)
             points.append((-accuracy if self.objective == "accuracy" else loss, self.kept(genome)))
+        points = [p for part in distributed.all_gather(points) for p in part]
         self.evaluations += len(genomes)
         self.seconds += time.perf_counter() - start
         return points

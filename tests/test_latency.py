@@ -1,0 +1,235 @@
+"""Latency budgets: the lookup table, its cache, the model, the solver and the run's report (ORT CPU)."""
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from compressor import latency, models, surgery
+from compressor.budget import Budget, CostModel, solve_widths
+from compressor.errors import BudgetError, CompressorError
+from compressor.latency import LatencyModel, LatencySpec, LatencyTable
+from compressor.models.vgg import VGG
+
+FAST = dict(threads=1, table_iters=3, check_seconds=0.3, validate=2, calibrate=1)
+
+
+@pytest.fixture(autouse=True)
+def _no_active_model():
+    latency.activate(None)
+    yield
+    latency.activate(None)
+
+
+def conv4_graph():
+    torch.manual_seed(0)
+    model = models.create("conv4", 10, 1).eval()
+    return surgery.trace(model, torch.randn(2, 1, 28, 28))
+
+
+def small_vgg_graph():
+    torch.manual_seed(0)
+    model = VGG([16, "M", 32, 32, "M", 64, "M"], num_classes=10).eval()
+    return surgery.trace(model, torch.randn(2, 3, 32, 32))
+
+
+def test_table_shape_monotone_and_cached(tmp_path):
+    graph = conv4_graph()
+    spec = LatencySpec("ort-cpu", 1, cache_dir=str(tmp_path), step=16, **FAST)
+    lat = LatencyModel(graph, spec, round_to=8, measure=False)
+    assert lat.table.measured and Path(lat.table.path).parent == tmp_path and Path(lat.table.path).is_file()
+    saved = json.loads(Path(lat.table.path).read_text())
+    assert saved["key"]["what"]["backend"] == "ort-cpu" and saved["key"]["where"]["device"]
+    assert set(lat.table.layers) == {s.name for s in lat.layers}
+    for s in lat.layers:
+        entry = lat.table.layers[s.name]
+        assert len(entry["ms"]) == len(entry["in"]) and all(len(r) == len(entry["out"]) for r in entry["ms"])
+        assert all(v > 0 for r in entry["ms"] for v in r)
+    # widths come from each group's grid: multiples of the step, finer where a group would have < 4
+    assert lat.grids["features.0.0"] == [8, 16, 24, 32] and lat.grids["features.3.0"] == [16, 32, 48, 64]
+    # monotone-ish: the whole model at its smallest widths is predicted faster than dense
+    smallest = {g: min(v) for g, v in lat.grids.items()}
+    assert lat.sum_ms(smallest) < lat.sum_ms(lat.full)
+    big = lat.table.layers["features.3.0"]
+    assert big["ms"][-1][-1] > big["ms"][0][0]
+
+
+def test_cache_reused_and_invalidated(tmp_path, capsys):
+    graph = conv4_graph()
+    spec = LatencySpec("ort-cpu", 1, cache_dir=str(tmp_path), step=32, **FAST)
+    first = LatencyModel(graph, spec, measure=False)
+    assert first.table.measured
+    before = latency.stats["points"]
+    second = LatencyModel(graph, spec, measure=False)
+    assert not second.table.measured and latency.stats["points"] == before  # nothing timed
+    assert "from cache" in capsys.readouterr().out
+    # a table measured elsewhere (another library version) is never used: measured again, and said so
+    saved = json.loads(Path(first.table.path).read_text())
+    saved["key"]["where"]["versions"]["onnxruntime"] = "0.0.1"
+    Path(first.table.path).write_text(json.dumps(saved))
+    third = LatencyModel(graph, spec, measure=False)
+    out = capsys.readouterr().out
+    assert third.table.measured and latency.stats["points"] > before
+    assert "another setting" in out and "0.0.1" in out
+    assert json.loads(Path(first.table.path).read_text())["key"] == third.table.key  # replaced
+    # another batch is another table
+    other = LatencyModel(graph, LatencySpec("ort-cpu", 2, cache_dir=str(tmp_path), step=32, **FAST), measure=False)
+    assert other.table.measured and other.table.path != first.table.path
+
+
+def test_cache_location(monkeypatch, tmp_path):
+    monkeypatch.delenv(latency.ENV_CACHE, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert latency.cache_dir() == tmp_path / "xdg" / "compressor" / "latency"
+    monkeypatch.setenv(latency.ENV_CACHE, str(tmp_path / "env"))
+    assert latency.cache_dir() == tmp_path / "env"
+    assert latency.cache_dir(str(tmp_path / "cli")) == tmp_path / "cli"
+
+
+class TwoConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def hand_model(tmp_path, costs_a, costs_b):
+    """A latency model on a hand-made table: layer a costs costs_a[out], b costs costs_b[out], head nothing;
+    the whole-model "measurement" is the prediction (a noiseless backend)."""
+    graph = surgery.trace(TwoConv().eval(), torch.randn(1, 3, 8, 8))
+    grid = [4, 8, 12, 16]
+    layers = {"a": {"in": [3], "out": grid, "ms": [[costs_a[w] for w in grid]]},
+              "b": {"in": grid, "out": grid, "ms": [[costs_b[w] for w in grid] for _ in grid]},
+              "head": {"in": grid, "out": [2], "ms": [[0.0] for _ in grid]}}
+    spec = LatencySpec("ort-cpu", 1, cache_dir=str(tmp_path), step=4, **FAST)
+    lat = LatencyModel(graph, spec, round_to=4, table=LatencyTable({}, layers), measure=False)
+    lat.check = lambda widths: {"fraction": lat.fraction(widths), "ms": lat.predict_ms(widths),
+                                "dense_ms": lat.predict_ms(lat.full)}
+    latency.activate(lat)
+    return graph, lat
+
+
+def test_solver_known_optimum_avoids_slow_widths(tmp_path):
+    # a: width 8 runs slower than 12 (a badly supported width); b is linear in its width
+    graph, lat = hand_model(tmp_path, {4: 1.0, 8: 3.0, 12: 2.0, 16: 4.0}, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0})
+    assert lat.choices({"a": [4, 8, 12, 16], "b": [4, 8, 12, 16]}) == {"a": [4, 12, 16], "b": [4, 8, 12, 16]}
+    # 5 of 8 ms: best under uniform ratios is a=12 (2 ms) + b=12 (3 ms), exactly 0.625, never a=8
+    sol = solve_widths(graph, Budget("latency", 0.625), None, round_to=4, max_ratio=0.95)
+    assert sol.widths == {"a": 12, "b": 12} and sol.fraction == pytest.approx(0.625)
+    report = sol.fractions["latency"]
+    assert report["met"] and report["solves"][0]["predicted"] == pytest.approx(0.625)
+    # the criterion's ratios still rank the groups: prune only b
+    sol = solve_widths(graph, Budget("latency", 0.75), {"a": 0.0, "b": 1.0}, round_to=4, max_ratio=0.95)
+    assert sol.widths == {"a": 16, "b": 8}
+    # criteria that price widths through CostModel get the same latency fraction
+    widths = {"a": 12, "b": 4}
+    assert CostModel(graph).fractions(widths)["latency"] == pytest.approx(lat.fraction(widths)) == 3 / 8
+    with pytest.raises(BudgetError, match="reaches"):
+        solve_widths(graph, Budget("latency", 0.1), None, round_to=4, max_ratio=0.95)
+
+
+def test_ffr_threshold_widths_with_latency(tmp_path):
+    from compressor.criteria.ffr import threshold_widths
+
+    graph, lat = hand_model(tmp_path, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0}, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0})
+    scores = {"a": torch.arange(16.0), "b": torch.arange(16.0) + 0.5}
+    widths = threshold_widths(graph, scores, Budget("latency", 0.5), 4, 0.95)
+    assert lat.fraction(widths) <= 0.5 + 1e-9
+
+
+def test_correction_loop(tmp_path, capsys):
+    graph, lat = hand_model(tmp_path, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0}, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0})
+    # the backend runs every pruned model 40% slower than predicted: the solver aims lower and says so
+    lat.check = lambda widths: {"fraction": min(1.0, 1.4 * lat.fraction(widths)), "ms": 0.0, "dense_ms": 8.0}
+    sol = solve_widths(graph, Budget("latency", 0.7), None, round_to=4, max_ratio=0.95)
+    report = sol.fractions["latency"]
+    assert len(report["solves"]) >= 2 and report["solves"][1]["solver_target"] < 0.7
+    assert abs(sol.fraction - 0.7) <= 0.07
+    assert "aiming at" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make", [conv4_graph, small_vgg_graph])
+def test_budget_met_on_ort_cpu(tmp_path, make):
+    graph = make()
+    spec = LatencySpec("ort-cpu", 1, cache_dir=str(tmp_path), step=8, **FAST)
+    sol = solve_widths(graph, Budget("latency", 0.5, latency=spec), None, round_to=4, max_ratio=0.95)
+    lat = latency.active_for(graph)
+    assert lat is not None and lat.report["model_error"]["calibrated"]["configs"] == 2
+    assert abs(sol.fraction - 0.5) / 0.5 <= 0.25  # measured whole on ORT, interleaved with the dense model
+    assert all(w in lat.grids[g] for g, w in sol.widths.items())
+    again = lat.check(sol.widths)["fraction"]
+    assert abs(again - 0.5) / 0.5 <= 0.25
+
+
+def test_bad_inputs(monkeypatch):
+    with pytest.raises(CompressorError, match="--latency-backend must be one of"):
+        LatencySpec("tpu")
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(CompressorError, match=r"--budget-latency must lie in \(0, 1\]"):
+            latency.budget_from("latency", bad)
+    for bad in (0.0, -3.0):
+        with pytest.raises(CompressorError, match="--budget-ms must be greater than 0"):
+            latency.budget_from("latency_ms", bad)
+    with pytest.raises(BudgetError, match=r"in \(0, 1\]"):
+        Budget("latency", 1.2)
+    with pytest.raises(CompressorError, match="--latency-batch must be at least 1"):
+        latency.budget_from("latency", 0.5, batch=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(CompressorError, match="ort-cuda needs a CUDA GPU"):
+        latency.budget_from("latency", 0.5, backend="ort-cuda")
+    with pytest.raises(CompressorError, match="trt needs"):
+        latency.budget_from("latency", 0.5, backend="trt")
+    from compressor.pipeline import RunConfig
+
+    with pytest.raises(CompressorError, match="--budget-ms"):
+        RunConfig(budget_metric="latency_ms", budget=-1).validate()
+    with pytest.raises(CompressorError, match="--latency-backend"):
+        RunConfig(budget_metric="latency", budget=0.5, latency_backend="nope").validate()
+    with pytest.raises(CompressorError, match="sensitivity in one step"):
+        RunConfig(budget_metric="latency", budget=0.5, method="sensitivity", steps=2).validate()
+
+
+def test_cli_parses_latency_budget():
+    from compressor import cli
+
+    parser = cli.build_parser() if hasattr(cli, "build_parser") else None
+    if parser is None:
+        pytest.skip("no parser factory")
+    args = parser.parse_args(["run", "--budget-ms", "2.5", "--latency-backend", "eager", "--latency-batch", "32"])
+    assert args.budget_ms == 2.5 and args.latency_backend == "eager" and args.latency_batch == 32
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--budget-ms", "2", "--budget-macs", "0.5"])
+
+
+def test_run_reports_latency(tmp_path, monkeypatch):
+    from compressor.pipeline import RunConfig, run
+
+    monkeypatch.setattr(latency, "LatencySpec", functools.partial(LatencySpec, **FAST))
+    config = RunConfig(model="conv4", dataset="digits", epochs=0, finetune_epochs=0, budget_metric="latency",
+                       budget=0.5, latency_cache=str(tmp_path / "cache"), latency_step=16, out=str(tmp_path / "run"))
+    metrics = run(config)
+    lat = metrics["latency"]
+    for key in ("target", "dense_ms", "measured_ms", "measured_fraction", "predicted_fraction", "mac_fraction",
+                "params_fraction", "model", "solver"):
+        assert key in lat
+    assert lat["model"]["model_error"]["calibrated"]["mean"] is not None
+    assert abs(lat["measured_fraction"] - 0.5) / 0.5 <= 0.25
+    assert metrics["budget"]["metric"] == "latency"
+
+
+def test_cold_caches_for_models_that_overflow_the_cache(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(latency, "last_level_cache_bytes", lambda: 32 << 20)
+    spec = LatencySpec("ort-cpu", 1)
+    big = SimpleNamespace(model=nn.Linear(4096, 4096))  # 64 MiB of fp32 weights: timed cold
+    small = SimpleNamespace(model=nn.Linear(64, 64))
+    assert latency.cold_layers(big, spec, torch.device("cpu"))
+    assert not latency.cold_layers(small, spec, torch.device("cpu"))
+    assert not latency.cold_layers(big, spec, torch.device("cuda"))
