@@ -184,25 +184,9 @@ def _cached(folder: Path, cache_dir: Path, reader):
 def _read_image_folder(folder: Path):
     from PIL import Image
 
-    classes = sorted(d.name for d in (folder / "train").iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"{folder / 'train'} has no class subfolders")
-    index = {c: i for i, c in enumerate(classes)}
+    from . import stream
 
-    def listing(split):
-        items = []
-        for c in classes:
-            d = folder / split / c
-            if d.is_dir():
-                items += [(p, index[c]) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-        if not items:
-            raise DataError(f"{folder / split} holds no images in class subfolders")
-        return items
-
-    train, test = listing("train"), listing("test")
-    with Image.open(train[0][0]) as first:
-        mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
-        size = first.size
+    classes, train, test, mode, size = stream.listing(folder)  # one reading of an ImageFolder tree for both paths
 
     def decode(item):
         with Image.open(item[0]) as im:
