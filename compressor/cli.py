@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 
@@ -66,6 +67,8 @@ def _run_parser(sub) -> None:
                    help="skip dense training; psap/ffr train from the random initialisation")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last saved "
                    "epoch (smoea: generation), with the run's own settings")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch (default: each rank's own)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also save training progress every N steps inside an epoch (default 0: at epoch ends only)")
     g = p.add_argument_group("steps (sensitivity, psap)")
@@ -349,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     args = parser.parse_args(with_command(argv))
+    if args.command != "run" and distributed.launched() and os.environ.get("RANK", "0") != "0":
+        # export, bench, analyze and inspect do one process's work: under torchrun rank 0 does it
+        print(f"compress {args.command}: rank {os.environ['RANK']} has nothing to do; rank 0 does the work")
+        return 0
     try:
         COMMANDS[args.command](args, argv)
     except CompressorError as exc:

@@ -61,6 +61,7 @@ class RunConfig:
     from_scratch: bool = False  # no dense training: a training criterion starts from random weights
     resume: bool = False  # continue an interrupted run in --out from its last saved progress
     checkpoint_every: int = 0  # also save training progress every N steps inside an epoch (0: at epoch ends)
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     psap_threshold: float = 0.5
     protect_z: float = 2.0
     ffr_length: float = 0.01
@@ -285,6 +286,11 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
         model = models.build(model_name, **kwargs)
     epochs = config.epochs if config.epochs is not None else (0 if config.checkpoint or config.from_scratch else 15)
     model.to(device)
+    if config.sync_bn and distributed.active():
+        if device.type != "cuda":
+            raise CompressorError("--sync-bn needs CUDA GPUs (SyncBatchNorm runs on NCCL); on CPUs each rank keeps "
+                                  "its own BatchNorm statistics")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state_dict: checkpoints load as plain BN
     graph = surgery.trace(model, data.example_inputs(device=device))  # an untraceable model stops before training
 
     def spec_of(m):

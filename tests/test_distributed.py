@@ -101,3 +101,22 @@ def test_torchrun_needs_an_out_directory(tmp_path):
                     cwd=tmp_path)
     assert done.returncode != 0 and "under torchrun, give --out" in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_export_and_bench_under_torchrun_are_done_once(tmp_path):
+    out = tmp_path / "run"
+    assert torchrun(["-m", "compressor", "run", *RUN, "--epochs", "0", "--finetune-epochs", "0", "--out", str(out)],
+                    procs=1).returncode == 0
+    done = torchrun(["-m", "compressor", "export", str(out), "--formats", "onnx", "--no-accuracy"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 1 has nothing to do" in done.stdout and (out / "export" / "export.json").is_file()
+    done = torchrun(["-m", "compressor", "bench", str(out), "--device", "cpu", "--backends", "eager", "--batch-sizes",
+                     "1", "--warmup", "1", "--min-iters", "2", "--min-seconds", "0", "--rounds", "1"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len((out / "bench.jsonl").read_text().splitlines()) == 2  # the settings line and one point, once
+
+
+def test_sync_bn_is_refused_on_cpus(tmp_path):
+    done = torchrun(["-m", "compressor", "run", *RUN, "--epochs", "1", "--finetune-epochs", "0", "--sync-bn",
+                     "--out", str(tmp_path / "run")], restarts=0)
+    assert done.returncode != 0 and "--sync-bn needs CUDA GPUs" in done.stderr
