@@ -32,8 +32,23 @@ DATA_MODES = ("auto", "memory", "stream")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+class DataShape:
+    """What every data set tells the model and the checkpoint, in memory or streamed alike."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def normalization(self) -> dict:
+        return {"mean": self.mean, "std": self.std}
+
+    def example_inputs(self, batch: int = 1, device="cpu") -> torch.Tensor:
+        return torch.zeros(batch, *self.input_shape, device=device)
+
+
 @dataclass
-class ImageData:
+class ImageData(DataShape):
     name: str
     train_x: torch.Tensor  # uint8 [N, C, H, W]
     train_y: torch.Tensor  # int64 [N]
@@ -50,16 +65,6 @@ class ImageData:
     def input_shape(self) -> list[int]:
         return list(self.train_x.shape[1:])
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def normalization(self) -> dict:
-        return {"mean": self.mean, "std": self.std}
-
-    def example_inputs(self, batch: int = 1, device="cpu") -> torch.Tensor:
-        return torch.zeros(batch, *self.input_shape, device=device)
 
 
 def load(

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from . import distributed
+from .data import DataShape
 from .errors import DataError
 
 SMALL_SIDE = 64  # images up to this shorter side keep their size
@@ -120,7 +121,7 @@ def open_folder(name: str, folder: Path, val_fraction: float, seed: int, workers
 
 
 @dataclass
-class StreamData:
+class StreamData(DataShape):
     name: str
     root: str
     mode: str  # PIL mode the images are converted to: "RGB" or "L"
@@ -140,17 +141,6 @@ class StreamData:
     def input_shape(self) -> list[int]:
         c = 1 if self.mode == "L" else 3
         return [c, self.native[1], self.native[0]] if self.native else [c, self.crop, self.crop]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def normalization(self) -> dict:
-        return {"mean": self.mean, "std": self.std}
-
-    def example_inputs(self, batch: int = 1, device="cpu") -> torch.Tensor:
-        return torch.zeros(batch, *self.input_shape, device=device)
 
     def _labels(self, split):
         return torch.tensor([y for _, y in getattr(self, f"{split}_items")], dtype=torch.int64)

@@ -198,9 +198,7 @@ def test_bad_inputs(monkeypatch):
 def test_cli_parses_latency_budget():
     from compressor import cli
 
-    parser = cli.build_parser() if hasattr(cli, "build_parser") else None
-    if parser is None:
-        pytest.skip("no parser factory")
+    parser = cli.build_parser()
     args = parser.parse_args(["run", "--budget-ms", "2.5", "--latency-backend", "eager", "--latency-batch", "32"])
     assert args.budget_ms == 2.5 and args.latency_backend == "eager" and args.latency_batch == 32
     with pytest.raises(SystemExit):
