@@ -118,6 +118,49 @@ def allowed_widths(full: int, round_to: int, max_ratio: float, group=None) -> li
     return widths
 
 
+def allowed_choices(graph: Graph, round_to: int, max_ratio: float,
+                    floors: dict[str, int] | None = None) -> dict[str, list[int]]:
+    """Each group's allowed widths (see :func:`allowed_widths`), none below its floor (full width is always left)."""
+    floors = floors or {}
+    choices = {}
+    for g in graph.groups:
+        widths = allowed_widths(g.width, round_to, max_ratio, g)
+        choices[g.name] = [w for w in widths if w >= floors.get(g.name, 0)] or [g.width]
+    return choices
+
+
+def global_widths(graph: Graph, scores: dict[str, torch.Tensor], budget: Budget, round_to: int, max_ratio: float,
+                  floors: dict[str, int] | None = None, normalise: bool = True) -> dict[str, int]:
+    """Widths from one threshold over every group's channel scores: the lowest threshold whose widths meet
+    the budget, so the most channels stay (Torch-Pruning's "global pruning").
+
+    ``normalise`` divides each group's scores by their mean first: raw scores of different layers (BN
+    scales, filter norms) live on different scales, and one raw threshold starves the layers whose
+    scores happen to be small. ``floors``: least widths, as in :func:`solve_widths`.
+    """
+    cost = CostModel(graph)
+    choices = allowed_choices(graph, round_to, max_ratio, floors)
+    if normalise:
+        scores = {g: s.float() / s.float().mean().clamp_min(1e-12) for g, s in scores.items()}
+
+    def widths_at(t):
+        found = {}
+        for name, s in scores.items():
+            need = int((s > t).sum())
+            found[name] = min([w for w in choices[name] if w >= need] or [max(choices[name])])
+        return found
+
+    candidates = torch.cat([s.flatten().float() for s in scores.values()]).sort().values
+    lo, hi = 0, len(candidates) - 1  # widths shrink as the threshold index grows
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost.fractions(widths_at(candidates[mid]))[budget.metric] <= budget.fraction:
+            hi = mid
+        else:
+            lo = mid + 1
+    return widths_at(candidates[lo])
+
+
 @dataclass
 class Solution:
     widths: dict[str, int]
@@ -131,16 +174,18 @@ def solve_widths(
     ratios: dict[str, float] | None = None,
     round_to: int = 8,
     max_ratio: float = 0.95,
+    floors: dict[str, int] | None = None,
 ) -> Solution:
     """Per-group widths meeting ``budget``, pruning each group roughly in proportion to ``ratios``.
 
     ``ratios`` defaults to uniform (every group pruned alike, as Li et al.'s L1 baseline).
+    ``floors`` are the least widths some groups may take (a criterion that must not starve a layer).
     Raises :class:`BudgetError` with the reachable range when the budget cannot be met.
     """
     model_cost = CostModel(graph)
     full = model_cost.full
     ratios = {g: 1.0 for g in full} if ratios is None else {g: max(0.0, float(ratios.get(g, 0.0))) for g in full}
-    choices = {g.name: allowed_widths(g.width, round_to, max_ratio, g) for g in graph.groups}
+    choices = allowed_choices(graph, round_to, max_ratio, floors)
     lat = None
     if budget.metric == "latency":  # measured widths only, less those no faster than a wider one
         from . import latency

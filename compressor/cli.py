@@ -15,10 +15,7 @@ from .pipeline import RunConfig, run
 def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="train or load a model, prune it to a budget, fine-tune, save",
                        description="Train (or load) -> prune with a criterion -> fine-tune -> write a run directory.")
-    p.add_argument("--model", default="conv4",
-                   help=f"registry name ({', '.join(models.available())}) or 'module.path:factory' (default conv4)")
-    p.add_argument("--dataset", default="digits",
-                   help="digits, synthetic, mnist, cifar10, cifar100, or an ImageFolder name/path (default digits)")
+    _model_options(p)
     p.add_argument("--method", default="l1", help=f"pruning criterion: {', '.join(criteria.available())} (default l1)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget-macs", type=float, metavar="F", help="fraction of MACs to keep (default 0.5)")
@@ -36,12 +33,40 @@ def _run_parser(sub) -> None:
                    "else $XDG_CACHE_HOME/compressor/latency, i.e. ~/.cache/compressor/latency)")
     g.add_argument("--latency-step", type=int, metavar="C", help="table grid step in channels (default --round-to; "
                    "finer where a group would have fewer than 4 widths)")
-    p.add_argument("--epochs", type=int, help="dense training epochs (default 15, or 0 with --checkpoint)")
     p.add_argument("--finetune-epochs", type=int, default=5)
-    p.add_argument("--checkpoint", help="start from this trained checkpoint instead of training from scratch")
-    p.add_argument("--data-dir", help="where data sets live or download to (default ./data)")
+    p.add_argument("--pruning-epochs", type=int, metavar="N",
+                   help="epochs after the dense model, the criterion's own training included (FFR's regularised "
+                        "epochs, PSAP's steps, ...); fine-tuning gets the rest. Replaces --finetune-epochs")
     p.add_argument("--out", help="run directory (default runs/<model>-<dataset>-<method>-<budget>-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace the run files in a non-empty --out")
+    _training_options(p)
+    p.add_argument("--from-scratch", action="store_true",
+                   help="skip dense training; psap/ffr train from the random initialisation")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last saved "
+                   "epoch (smoea: generation), with the run's own settings")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch (default: each rank's own)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also save training progress every N steps inside an epoch (default 0: at epoch ends only)")
+    _criterion_options(p)
+    p.add_argument("--export", metavar="FORMATS", help="after the run, export the pruned model: onnx,onnx-int8,trt,aoti")
+    p.add_argument("--bench", action="store_true", help="after the run, benchmark dense vs pruned (see compress bench)")
+    _export_options(p)
+    _bench_options(p)
+
+
+def _model_options(p) -> None:
+    p.add_argument("--model", default="conv4",
+                   help=f"registry name ({', '.join(models.available())}) or 'module.path:factory' (default conv4)")
+    p.add_argument("--dataset", default="digits",
+                   help="digits, synthetic, mnist, cifar10, cifar100, or an ImageFolder name/path (default digits)")
+    p.add_argument("--data-dir", help="where data sets live or download to (default ./data)")
+    p.add_argument("--epochs", type=int, help="dense training epochs (default 15, or 0 with --checkpoint)")
+    p.add_argument("--checkpoint", help="start from this trained checkpoint instead of training from scratch")
+
+
+def _training_options(p) -> None:
+    """How every model trains and is pruned: shared by `run` and `compare`."""
     p.add_argument("--round-to", type=int, default=8, help="remaining widths are multiples of this (default 8)")
     p.add_argument("--max-ratio", type=float, default=0.95, help="most of any one group that may be removed")
     p.add_argument("--seed", type=int, default=0)
@@ -60,17 +85,17 @@ def _run_parser(sub) -> None:
                    help="memory: decode the set into memory; stream: read ImageFolder trees from disk in DataLoader "
                         "workers; auto (default): stream a folder whose decoded images exceed 4 GiB")
     p.add_argument("--workers", type=int, metavar="N", help="stream mode's DataLoader workers (default min(8, CPUs))")
+    g = p.add_argument_group("distillation", "fine-tune against the dense model's soft targets (Hinton et al.)")
+    g.add_argument("--distill", type=float, default=0.0, metavar="W",
+                   help="weight of the distillation term in the fine-tuning loss, in [0, 1] (default 0: off)")
+    g.add_argument("--distill-temperature", type=float, default=4.0, metavar="T", help="softmax temperature (default 4)")
+
+
+def _criterion_options(p) -> None:
+    """Each criterion's own settings."""
     g = p.add_argument_group("sensitivity criterion")
     g.add_argument("--levels", default="0.25,0.5,0.75", help="damage levels (share of filters zeroed, or noise scale)")
     g.add_argument("--damage", default="zero", choices=["zero", "noise"], help="zero lowest-L1 filters, or add noise")
-    p.add_argument("--from-scratch", action="store_true",
-                   help="skip dense training; psap/ffr train from the random initialisation")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last saved "
-                   "epoch (smoea: generation), with the run's own settings")
-    p.add_argument("--sync-bn", action="store_true",
-                   help="under torchrun on GPUs: BatchNorm statistics over the global batch (default: each rank's own)")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="also save training progress every N steps inside an epoch (default 0: at epoch ends only)")
     g = p.add_argument_group("steps (sensitivity, psap)")
     g.add_argument("--steps", type=int, help="prune / train steps (default: sensitivity 1, psap 3)")
     g.add_argument("--step-epochs", type=int, help="training epochs in each step, and smoea's between groups (default 1)")
@@ -85,6 +110,8 @@ def _run_parser(sub) -> None:
     g.add_argument("--ffr-warmup", type=float, default=1.0, help="epochs over which the penalty ramps up (default 1)")
     g.add_argument("--ffr-epochs", type=int, default=5, help="epochs of regularised training (default 5)")
     g.add_argument("--ffr-score", default="bn", choices=["bn", "norm"], help="rank filters by BN scale or L2 norm")
+    g.add_argument("--ffr-floor", type=float, default=0.5, help="no group ends narrower than this share of the "
+                   "width uniform pruning would give it (default 0.5; 0: no floor)")
     g.add_argument("--ffr-compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the penalty (auto: on a GPU only; on a CPU it needs a C++ compiler)")
     g = p.add_argument_group("smoea criterion")
@@ -95,10 +122,26 @@ def _run_parser(sub) -> None:
     g.add_argument("--mutation", type=float, help="bit-flip probability (default 1 / filters in the group)")
     g.add_argument("--objective", default="accuracy", choices=["accuracy", "loss"], help="what the search maximises")
     g.add_argument("--search-samples", type=int, default=2048, help="validation images that score a candidate")
-    p.add_argument("--export", metavar="FORMATS", help="after the run, export the pruned model: onnx,onnx-int8,trt,aoti")
-    p.add_argument("--bench", action="store_true", help="after the run, benchmark dense vs pruned (see compress bench)")
-    _export_options(p)
-    _bench_options(p)
+
+
+def _compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="methods x budgets x seeds from one dense model, at equal epochs",
+                       description="Train one dense model (or take --checkpoint), then prune it with every method "
+                                   "at every budget and seed, each cell training --pruning-epochs epochs after the "
+                                   "dense model. Writes compare.json, compare.md (mean ± std, difference from l1 "
+                                   "paired by seed with a 95%% CI) and compare.png; every cell is a run directory. "
+                                   "Re-run the same command to continue an interrupted study.")
+    _model_options(p)
+    p.add_argument("--methods", default="l1,random,tp-l1-global,sensitivity,psap,ffr,smoea",
+                   help=f"comma-separated, from {', '.join(criteria.available())} (l1 and random are always added)")
+    p.add_argument("--budgets", default="params:0.1", help="metric:fraction items, e.g. params:0.1656,macs:0.25")
+    p.add_argument("--seeds", default="3", help="a count (3: seeds 0, 1, 2) or a list (0,5,9) (default 3)")
+    p.add_argument("--pruning-epochs", type=int, required=True, metavar="N",
+                   help="epochs every cell trains after the dense model: the criterion's own training counts, "
+                        "fine-tuning gets the rest")
+    p.add_argument("--out", required=True, help="study directory (re-run with the same --out to continue)")
+    _training_options(p)
+    _criterion_options(p)
 
 
 def _export_options(p) -> None:
@@ -289,6 +332,15 @@ def cmd_run(args, argv) -> None:
         bench(out, device=args.device, argv=["compress", *argv], **_bench_kwargs(args))
 
 
+def cmd_compare(args, argv) -> None:
+    from .compare import compare, parse_budgets, parse_methods, parse_seeds
+
+    fields = {k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__ and k != "out"}
+    base = RunConfig(**fields).validate()  # every number, before any data is read
+    compare(base, parse_methods(args.methods), parse_budgets(args.budgets), parse_seeds(args.seeds), args.out,
+            argv=["compress", *argv])
+
+
 def cmd_export(args, _argv) -> None:
     from .export.run import export
 
@@ -310,7 +362,7 @@ def cmd_inspect(args, _argv) -> None:
     print(json.dumps({"spec": asdict(spec), "macs": cost.macs, "params": cost.params}, indent=2))
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "bench": cmd_bench, "analyze": cmd_analyze, "inspect": cmd_inspect}
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "export": cmd_export, "bench": cmd_bench, "analyze": cmd_analyze, "inspect": cmd_inspect}
 
 EPILOG = """\
 Options without a command mean `run`: `compress --method ffr --export trt`
@@ -319,6 +371,8 @@ is `compress run --method ffr --export trt`.
 start here:
   compress run                 prune Conv-4 on the bundled digits to half its MACs (a minute on a CPU)
   compress run --model vgg16 --dataset cifar10 --budget-macs 0.5 --out runs/vgg16
+  compress compare --dataset cifar10 --methods l1,ffr --budgets params:0.1 --seeds 3 --epochs 10 \\
+      --pruning-epochs 5 --out studies/conv4    methods x budgets x seeds at equal epochs
   compress export runs/vgg16 --formats onnx,trt
   compress bench runs/vgg16 --backends eager,ort
   compress COMMAND --help      every option of a command
@@ -330,11 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     _run_parser(sub)
+    _compare_parser(sub)
     _export_parser(sub)
     _bench_parser(sub)
     _analyze_parser(sub)
     _inspect_parser(sub)
-    parser.usage = "%(prog)s [COMMAND] [options]   (COMMAND: run, export, bench, analyze, inspect; default run)"
+    parser.usage = "%(prog)s [COMMAND] [options]   (COMMAND: run, compare, export, bench, analyze, inspect; default run)"
     return parser
 
 

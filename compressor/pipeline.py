@@ -6,6 +6,7 @@ It writes a run directory: ``dense.pt`` and ``pruned.pt`` (see checkpoint.py),
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -35,6 +36,11 @@ class RunConfig:
     budget: float = 0.5
     epochs: int | None = None  # default: 15, or 0 when starting from --checkpoint
     finetune_epochs: int = 5
+    # epochs after the dense model, the criterion's own training included; the rest fine-tunes (None: use
+    # finetune_epochs). Equal for every method, this is the equal-epochs rule of `compress compare`.
+    pruning_epochs: int | None = None
+    distill: float = 0.0  # weight of the dense model's soft targets while fine-tuning (0: off)
+    distill_temperature: float = 4.0
     checkpoint: str | None = None
     data_dir: str | None = None
     out: str | None = None
@@ -42,6 +48,7 @@ class RunConfig:
     round_to: int = 8
     max_ratio: float = 0.95
     seed: int = 0
+    split_seed: int | None = None  # the train/validation split's seed (None: seed); a study fixes it across seeds
     device: str = "auto"
     # None: chosen by device once it is known (train.device_defaults): CPU 128 / 0.05 / 0.01 / 0.0 / off,
     # CUDA 512 / lr scaled linearly with the batch / 0.1 / on
@@ -69,6 +76,7 @@ class RunConfig:
     ffr_warmup: float = 1.0
     ffr_epochs: int = 5
     ffr_score: str = "bn"
+    ffr_floor: float = 0.5  # no group below this share of its uniform-pruning width
     ffr_compile: str = "auto"  # torch.compile the penalty: auto (GPU only), on, off
     group_size: int = 1
     population: int = 32
@@ -95,6 +103,11 @@ class RunConfig:
 
         number("--epochs", self.epochs, integer=True, low=0, optional=True)
         number("--finetune-epochs", self.finetune_epochs, integer=True, low=0)
+        number("--pruning-epochs", self.pruning_epochs, integer=True, low=0, optional=True)
+        number("--distill", self.distill, low=0, high=1)
+        number("--distill-temperature", self.distill_temperature, low=0, low_open=True)
+        number("--split-seed", self.split_seed, integer=True, low=0, high=2**32 - 1, optional=True)
+        number("--ffr-floor", self.ffr_floor, low=0, high=1)
         number("--lr", self.lr, low=0, low_open=True, optional=True)
         number("--finetune-lr", self.finetune_lr, low=0, low_open=True, optional=True)
         number("--batch-size", self.batch_size, integer=True, low=1, optional=True)
@@ -259,7 +272,8 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
     training_defaults = {"device": device.type, **resolved, "chosen": chosen}
 
     stage = time.perf_counter()
-    data = datasets.load(config.dataset, config.data_dir, config.val_fraction, config.seed, mode=config.data_mode,
+    split_seed = config.seed if config.split_seed is None else config.split_seed
+    data = datasets.load(config.dataset, config.data_dir, config.val_fraction, split_seed, mode=config.data_mode,
                          workers=config.workers)
     seconds["data"] = time.perf_counter() - stage
     if not isinstance(data, datasets.ImageData):
@@ -304,6 +318,7 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
     seconds["train"] = time.perf_counter() - stage
     acc = {"dense": {"val": evaluate(model, data, "val", device), "test": evaluate(model, data, "test", device)}}
     checkpoint.save(model, spec_of(model), out / "dense.pt")
+    teacher = copy.deepcopy(model).eval() if config.distill > 0 else None  # criteria may train the model on
 
     stage = time.perf_counter()
     budget = latency.prepare(budget, graph, device, config.round_to, config.max_ratio)  # table, dense latency
@@ -319,6 +334,12 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
     seconds["plan"] = time.perf_counter() - stage
     write_text(out / "plan.json", plan.to_json() + "\n")
 
+    finetune_epochs = config.finetune_epochs
+    if config.pruning_epochs is not None:  # equal epochs: what the criterion trained counts against the total
+        finetune_epochs = config.pruning_epochs - request.train_epochs
+        if finetune_epochs < 0:
+            raise CompressorError(f"{config.method} trained {request.train_epochs} epochs on its own, more than "
+                                  f"--pruning-epochs {config.pruning_epochs}; give more epochs or fewer criterion steps")
     dense_cost = surgery.count(model, graph.example_inputs)
     dense_widths = graph.widths()
     stage = time.perf_counter()
@@ -328,9 +349,10 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
     acc["pruned"] = {"val": evaluate(model, data, "val", device), "test": evaluate(model, data, "test", device)}
 
     stage = time.perf_counter()
-    ft_cfg = TrainConfig(config.finetune_epochs, config.finetune_lr, config.batch_size, schedule="cosine",
-                         label_smoothing=config.label_smoothing, seed=config.seed + 1, compile=resolved["compile"])
-    ft_history = fit(model, data, ft_cfg, device, desc="finetune", state=state.stage("finetune"))
+    ft_cfg = TrainConfig(finetune_epochs, config.finetune_lr, config.batch_size, schedule="cosine",
+                         label_smoothing=config.label_smoothing, seed=config.seed + 1, compile=resolved["compile"],
+                         distill=config.distill, temperature=config.distill_temperature)
+    ft_history = fit(model, data, ft_cfg, device, desc="finetune", state=state.stage("finetune"), teacher=teacher)
     seconds["finetune"] = time.perf_counter() - stage
     acc["finetuned"] = acc["pruned"] if not ft_history else {
         "val": evaluate(model, data, "val", device), "test": evaluate(model, data, "test", device)}
@@ -351,6 +373,9 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
         "budget": {"metric": budget.metric, "fraction": budget.fraction, "tolerance": budget.tolerance},
         **latency.run_metrics(budget, model, dense_cost, pruned_cost),  # {"latency": ...} for a latency budget
         "accuracy": acc,
+        "epochs": {"dense": epochs, "criterion": request.train_epochs, "finetune": finetune_epochs,
+                   "after_dense": request.train_epochs + finetune_epochs},
+        "distill": {"weight": config.distill, "temperature": config.distill_temperature} if config.distill else None,
         "macs": {"dense": dense_cost.macs, "pruned": pruned_cost.macs, "fraction": pruned_cost.macs / dense_cost.macs},
         "params": {"dense": dense_cost.params, "pruned": pruned_cost.params,
                    "fraction": pruned_cost.params / dense_cost.params},
@@ -431,7 +456,7 @@ def criterion_options(config: RunConfig) -> dict:
     if config.mutation is not None and not 0 <= config.mutation <= 1:
         raise CompressorError(f"--mutation is a probability in [0, 1], got {config.mutation}")
     names = ("steps", "step_epochs", "from_scratch", "resume", "psap_threshold", "protect_z", "ffr_length",
-             "ffr_curvature", "ffr_warmup", "ffr_epochs", "ffr_score", "ffr_compile", "group_size", "population", "generations",
+             "ffr_curvature", "ffr_warmup", "ffr_epochs", "ffr_score", "ffr_floor", "ffr_compile", "group_size", "population", "generations",
              "crossover", "mutation", "objective", "search_samples")
     return {"levels": levels, "mode": config.damage, "lr": config.lr if config.from_scratch else config.finetune_lr,
             "batch_size": config.batch_size, "label_smoothing": config.label_smoothing, "schedule": config.schedule,

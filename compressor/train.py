@@ -37,6 +37,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     compile: bool = False  # torch.compile the training model (dynamic=False; the last partial batch is dropped)
+    distill: float = 0.0  # weight of the teacher's soft targets in the loss (0: plain cross-entropy)
+    temperature: float = 4.0  # softens teacher and student logits in the distillation term
 
     def __post_init__(self):
         """Refuse numbers training cannot use (NaN and inf too) with one CompressorError, before any data is touched."""
@@ -49,6 +51,8 @@ class TrainConfig:
         number("TrainConfig.momentum", self.momentum, low=0, high=1, low_open=True, high_open=True)  # Nesterov needs > 0
         number("TrainConfig.label_smoothing", self.label_smoothing, low=0, high=1, high_open=True)
         number("TrainConfig.seed", self.seed, integer=True, low=0)
+        number("TrainConfig.distill", self.distill, low=0, high=1)
+        number("TrainConfig.temperature", self.temperature, low=0, low_open=True)
         choice("TrainConfig.schedule", self.schedule, SCHEDULES)
         if not isinstance(self.compile, bool):
             raise CompressorError(f"TrainConfig.compile must be True or False, not {self.compile!r}")
@@ -137,9 +141,22 @@ def prepare(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s soft-target term: KL(teacher || student) at ``temperature``, times T^2 so that its
+    gradients keep their size as T changes."""
+    t = temperature
+    return nn.functional.kl_div(nn.functional.log_softmax(student.float() / t, 1),
+                                nn.functional.log_softmax(teacher.float() / t, 1),
+                                reduction="batchmean", log_target=True) * (t * t)
+
+
 def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.device, desc: str = "train",
-        hooks: TrainHooks | None = None, state: StageState | None = None) -> list[dict]:
+        hooks: TrainHooks | None = None, state: StageState | None = None,
+        teacher: nn.Module | None = None) -> list[dict]:
     """Train ``model`` on ``data``'s training split; returns one record per epoch.
+
+    With ``config.distill`` > 0, the loss is ``(1 - distill) * cross-entropy + distill * soft-target
+    term`` against ``teacher``'s logits (the teacher stays frozen, in eval mode).
 
     With ``state``, progress is saved at the end of every epoch (and every
     ``state.every_steps`` steps), and a saved state is continued from: a finished stage
@@ -149,6 +166,12 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
         return []
     if config.schedule not in SCHEDULES:
         raise CompressorError(f"unknown schedule {config.schedule!r}; choose from {', '.join(SCHEDULES)}")
+    if config.distill > 0 and teacher is None:
+        raise CompressorError("distillation (TrainConfig.distill > 0) needs a teacher model")
+    if config.distill > 0:
+        teacher = prepare(teacher, device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     torch.manual_seed(config.seed)
     prepare(model, device)
     batches = datasets.batches(data, "train", config.batch_size, device, train=True, seed=config.seed,
@@ -223,6 +246,12 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
             with autocast(device):
                 logits = net(x)
                 loss = criterion(logits, y)
+                if config.distill > 0:
+                    with torch.no_grad():
+                        soft = teacher(x)
+                    kd = distillation_loss(logits, soft, config.temperature)
+                    loss = (1 - config.distill) * loss + config.distill * kd
+                    term_sums["distill"] = term_sums.get("distill", 0) + kd.detach() * len(y)
                 if hooks.penalty is not None:
                     terms = hooks.penalty((epoch * len(batches) + step) / total)
                     for name, term in terms.items():

@@ -134,12 +134,12 @@ def test_solver_known_optimum_avoids_slow_widths(tmp_path):
         solve_widths(graph, Budget("latency", 0.1), None, round_to=4, max_ratio=0.95)
 
 
-def test_ffr_threshold_widths_with_latency(tmp_path):
-    from compressor.criteria.ffr import threshold_widths
+def test_global_widths_with_latency(tmp_path):
+    from compressor.budget import global_widths
 
     graph, lat = hand_model(tmp_path, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0}, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0})
     scores = {"a": torch.arange(16.0), "b": torch.arange(16.0) + 0.5}
-    widths = threshold_widths(graph, scores, Budget("latency", 0.5), 4, 0.95)
+    widths = global_widths(graph, scores, Budget("latency", 0.5), 4, 0.95)
     assert lat.fraction(widths) <= 0.5 + 1e-9
 
 

@@ -42,6 +42,7 @@ class PlanRequest:
     report: dict = field(default_factory=dict)  # what a criterion found, for metrics.json
     out_dir: Path | None = None  # where a criterion may write its own tables and plots
     state: RunState | None = None  # where training and search progress is kept, to resume a killed run
+    train_epochs: int = 0  # epochs the criterion trained: an equal-epochs study counts them against its total
 
     def stage(self, name: str) -> StageState | None:
         """Where the training stage ``name`` keeps its progress (None: not resumable, e.g. from the API)."""
@@ -91,4 +92,4 @@ def make_plan(method: str, request: PlanRequest) -> PruningPlan:
     return _CRITERIA[method](request)
 
 
-from . import baselines, ffr, psap, sensitivity, smoea  # noqa: E402,F401  (fill the registry)
+from . import baselines, ffr, peers, psap, sensitivity, smoea  # noqa: E402,F401  (fill the registry)

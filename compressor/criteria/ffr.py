@@ -26,19 +26,24 @@ over ``--ffr-warmup`` epochs; the two terms are logged apart in the run's histor
 Pruning: after ``--ffr-epochs`` of regularised training (from the random initialisation
 with ``--from-scratch``, or fine-tuning the dense model), each channel scores its
 BatchNorm scale |gamma| (mean over the group's BatchNorms; ``--ffr-score norm`` or a group
-without BatchNorm uses the filter's L2 norm). One global threshold over all groups sets the
-widths; the shared solver then meets the budget exactly from the widths that threshold gives.
+without BatchNorm uses the filter's L2 norm). The widths come from one global threshold over
+all groups' scores, each group's scores divided by their mean first (raw BN scales of
+different layers are not comparable: one raw threshold left VGG-16's first layers 8-16
+channels wide, see issue 15), and no group may go below ``--ffr-floor`` x the width uniform
+pruning would give it. The shared solver then meets the budget exactly from those widths,
+keeping the floors. The per-layer normalisation and the floor are our choices, not the paper's.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..budget import CostModel, allowed_widths, solve_widths
+from ..budget import global_widths, solve_widths
 from ..errors import CompressorError
 from ..masking import carriers, channel_dim
 from ..plan import PruningPlan
@@ -48,6 +53,16 @@ from . import PlanRequest, register, train_config
 
 _BN = nn.modules.batchnorm._BatchNorm
 NEAR_ZERO = 1e-2  # of the layer's largest score: the issue's measure of structured sparsity
+FLOOR = 0.5  # no group ends narrower than this share of the width uniform pruning would give it
+
+
+def floor_widths(graph: Graph, budget, round_to: int, max_ratio: float, floor: float) -> dict[str, int]:
+    """Each group's least width: ``floor`` x the width uniform pruning (every group alike) gives it at this
+    budget, so that a global threshold cannot starve a layer."""
+    if floor <= 0:
+        return {}
+    uniform = solve_widths(graph, budget, None, round_to, max_ratio).widths
+    return {g: int(math.ceil(floor * w)) for g, w in uniform.items()}
 
 
 def _as_maps(x: torch.Tensor) -> torch.Tensor:
@@ -247,30 +262,6 @@ def near_zero_share(scores: dict[str, torch.Tensor], relative: float = NEAR_ZERO
     return shares
 
 
-def threshold_widths(graph: Graph, scores: dict[str, torch.Tensor], budget, round_to: int, max_ratio: float) -> dict[str, int]:
-    """Widths from one global score threshold: the lowest one whose widths meet the budget, so the most
-    channels stay."""
-    cost = CostModel(graph)
-    choices = {g.name: allowed_widths(g.width, round_to, max_ratio, g) for g in graph.groups}
-
-    def widths_at(t):
-        found = {}
-        for name, s in scores.items():
-            need = int((s > t).sum())
-            found[name] = min([w for w in choices[name] if w >= need] or [max(choices[name])])
-        return found
-
-    candidates = torch.cat([s for s in scores.values()]).sort().values
-    lo, hi = 0, len(candidates) - 1  # widths shrink as the threshold index grows
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cost.fractions(widths_at(candidates[mid]))[budget.metric] <= budget.fraction:
-            hi = mid
-        else:
-            lo = mid + 1
-    return widths_at(candidates[lo])
-
-
 @register("ffr", from_scratch=True)
 def ffr(request: PlanRequest) -> PruningPlan:
     if request.data is None:
@@ -279,6 +270,7 @@ def ffr(request: PlanRequest) -> PruningPlan:
     epochs = int(opts.get("ffr_epochs", 5))
     length_w, curvature_w = float(opts.get("ffr_length", 0.01)), float(opts.get("ffr_curvature", 0.01))
     warmup, score = float(opts.get("ffr_warmup", 1.0)), opts.get("ffr_score", "bn")
+    floor = float(opts.get("ffr_floor", FLOOR))
     if epochs < 0 or length_w < 0 or curvature_w < 0 or warmup < 0:
         raise CompressorError("--ffr-epochs, --ffr-length, --ffr-curvature and --ffr-warmup must not be negative")
     compiled = compile_penalty(opts.get("ffr_compile", "auto"), request.model)
@@ -291,13 +283,16 @@ def ffr(request: PlanRequest) -> PruningPlan:
             history = fit(request.model, request.data, config, request.device, desc="ffr", hooks=hooks,
                           state=request.stage("ffr"))
     scores = channel_scores(graph, score)
-    start = threshold_widths(graph, scores, request.budget, request.round_to, request.max_ratio)
+    floors = floor_widths(graph, request.budget, request.round_to, request.max_ratio, floor)
+    start = global_widths(graph, scores, request.budget, request.round_to, request.max_ratio, floors)
     ratios = {g: 1.0 - start[g] / graph.group(g).width for g in start}
-    widths = solve_widths(graph, request.budget, ratios, request.round_to, request.max_ratio).widths
+    widths = solve_widths(graph, request.budget, ratios, request.round_to, request.max_ratio, floors).widths
+    request.train_epochs = epochs
     report = {"epochs": epochs, "train_epochs": epochs, "penalty_compiled": compiled and bool(epochs),
               "length_weight": length_w, "curvature_weight": curvature_w, "warmup_epochs": warmup, "score": score,
               "history": history, "near_zero_share": near_zero_share(scores),
-              "scores": {g: s.tolist() for g, s in scores.items()}, "threshold_widths": start, "widths": widths}
+              "scores": {g: s.tolist() for g, s in scores.items()}, "floor": floor, "floor_widths": floors,
+              "threshold_widths": start, "widths": widths}
     if epochs and len(request.data.val_y):
         report["val_accuracy"] = evaluate(request.model, request.data, "val", request.device)
     if history:

@@ -230,6 +230,7 @@ def psap(request: PlanRequest) -> PruningPlan:
         records.append(record)
         print(f"psap step {step}/{steps}: target {target:.3f} of {budget.metric}, "
               f"restored {record['restored_total']}, widths {widths}")
+    request.train_epochs = steps * step_epochs
     request.report["psap"] = {"steps": records, "train_epochs": steps * step_epochs, "threshold": threshold,
                               "protect_z": z, "train": train_config(request, step_epochs, request.seed).as_dict(),
                               "restored_per_step": [r["restored_total"] for r in records]}

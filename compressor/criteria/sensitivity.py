@@ -152,6 +152,7 @@ def sensitivity(request: PlanRequest) -> PruningPlan:
             fit(work, request.data, train_config(request, step_epochs, request.seed + step), request.device,
                 desc=f"step {step}", state=request.stage(f"sensitivity-step{step}"))
     _record(request, analyses[0], analyses)
+    request.train_epochs = (steps - 1) * step_epochs
     return PruningPlan({g: idx for g, idx in origin.items()})
 
 

@@ -359,6 +359,7 @@ def smoea(request: PlanRequest) -> PruningPlan:
     if abs(kept - budget.fraction) > budget.tolerance:
         raise BudgetError(f"smoea ended at {kept:.4f} of {budget.metric}, not within {budget.tolerance} of "
                           f"{budget.fraction}: try a larger --population or more --generations")
+    request.train_epochs = (len(blocks) - 1) * step_epochs
     request.report["smoea"] = {"blocks": [f["block"] for f in fronts], "fronts": fronts, "settings": settings,
                                "train_epochs": (len(blocks) - 1) * step_epochs,
                                "evaluations": sum(f["evaluations"] for f in fronts),
