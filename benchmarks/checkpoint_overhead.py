@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from compressor import data as datasets, models
-from compressor.pipeline import device_name, versions
+from compressor import data as datasets
+from compressor import models
+from compressor.provenance import device_name, versions
 from compressor.resume import StageState
 from compressor.train import TrainConfig, fit, pick_device
 

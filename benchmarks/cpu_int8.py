@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     from compressor.data import DeviceBatches
     from compressor.export import onnx
     from compressor.export.run import export
-    from compressor.pipeline import device_name
+    from compressor.provenance import device_name
 
     run_dir = args.run_dir
     for name in ("dense.pt", "pruned.pt"):

@@ -201,7 +201,8 @@ def main(argv=None) -> int:
                  "dense_ms": lat.dense_ms, "alpha": lat.alpha, "model_error": lat.report["model_error"],
                  "targets": []}
         err = lat.report["model_error"]
-        print(f"[batch {batch}] dense {lat.dense_ms:.3f} ms; table {'from cache' if not lat.table.measured else 'measured'}"
+        print(f"[batch {batch}] dense {lat.dense_ms:.3f} ms; "
+              f"table {'from cache' if not lat.table.measured else 'measured'}"
               f" ({lat.table.seconds:.0f}s); model error: calibrated mean {err['calibrated']['mean']:.1%} / max "
               f"{err['calibrated']['max']:.1%}, plain sum+constant mean {err['sum_plus_constant']['mean']:.1%} / max "
               f"{err['sum_plus_constant']['max']:.1%} ({err['calibrated']['configs']} random widths)", flush=True)
@@ -223,7 +224,8 @@ def main(argv=None) -> int:
                                                       "solver_measured": sol.fraction, "solves": len(report["solves"]),
                                                       **costs(graph, sol.widths)}}
             if mac is not None:
-                row["mac_plan"] = {"widths": mac[0].widths, "mac_budget": mac[2], "predicted": lat.fraction(mac[0].widths),
+                row["mac_plan"] = {"widths": mac[0].widths, "mac_budget": mac[2],
+                                   "predicted": lat.fraction(mac[0].widths),
                                    "solver_measured": mac[1], "refine": refine,
                                    **costs(graph, mac[0].widths)}
                 plans[f"mac@{target}"] = mac[0].widths
@@ -231,7 +233,8 @@ def main(argv=None) -> int:
             entry["targets"].append(row)
             lp, mp = row["latency_plan"], row.get("mac_plan", {})
             print(f"[batch {batch}] target {target}: latency plan predicted {predicted:.3f}, solver measured "
-                  f"{sol.fraction:.3f} ({lp['solves']} solve(s)), keeps MACs {lp['macs']:.3f} params {lp['params']:.3f}; "
+                  f"{sol.fraction:.3f} ({lp['solves']} solve(s)), keeps MACs {lp['macs']:.3f} "
+                  f"params {lp['params']:.3f}; "
                   f"MAC plan at equal measured latency: MAC budget {mp.get('mac_budget', float('nan')):.3f}, keeps "
                   f"MACs {mp.get('macs', float('nan')):.3f} params {mp.get('params', float('nan')):.3f}", flush=True)
         # one interleaved run: dense and every plan
@@ -252,7 +255,8 @@ def main(argv=None) -> int:
             print(f"[batch {batch}] target {t}: interleaved: latency plan {f:.3f} of dense "
                   f"({'within' if lp['within_goal'] else 'OUTSIDE'} +/-10%), MAC plan "
                   f"{mp.get('measured') or float('nan'):.3f}; at this latency the latency plan keeps "
-                  f"{lp['macs']:.1%} MACs / {lp['params']:.1%} params, the MAC plan {mp.get('macs', float('nan')):.1%} / "
+                  f"{lp['macs']:.1%} MACs / {lp['params']:.1%} params, "
+                  f"the MAC plan {mp.get('macs', float('nan')):.1%} / "
                   f"{mp.get('params', float('nan')):.1%}", flush=True)
             if data is not None:
                 row["latency_plan"]["accuracy"] = finetuned_accuracy(model, graph, lp["widths"], data,
@@ -286,14 +290,17 @@ def markdown(r: dict) -> str:
              f"round_to {r['round_to']}", ""]
     for b in r["batches"]:
         e = b["model_error"]
+        table_source = ("from cache" if b["table"]["table_from_cache"]
+                        else "measured in " + format(b["table"]["table_seconds"], ".0f") + "s")
         lines += [f"## batch {b['batch']}", "",
                   f"Dense {b['dense_ms']:.3f} ms. Latency model (sum of per-layer table + constant, alpha "
                   f"{b['alpha']:.3f}) error on {e['calibrated']['configs']} random widths: mean "
                   f"{e['calibrated']['mean']:.1%}, max {e['calibrated']['max']:.1%} (alpha = 1: mean "
                   f"{e['sum_plus_constant']['mean']:.1%}, max {e['sum_plus_constant']['max']:.1%}). Table "
-                  f"{'from cache' if b['table']['table_from_cache'] else 'measured in ' + format(b['table']['table_seconds'], '.0f') + 's'}.",
-                  "", "| target | latency plan: measured | within 10% | MACs kept | params kept | MAC plan: measured "
-                  "| MACs kept | params kept | accuracy (latency / MAC plan) |", "|---|---|---|---|---|---|---|---|---|"]
+                  f"{table_source}.", "",
+                  "| target | latency plan: measured | within 10% | MACs kept | params kept | MAC plan: measured "
+                  "| MACs kept | params kept | accuracy (latency / MAC plan) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in b["targets"]:
             if "error" in row:
                 lines.append(f"| {row['target']} | unreachable: {row['error']} | | | | | | | |")

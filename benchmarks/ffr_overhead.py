@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from compressor import models
 from compressor.criteria.ffr import compile_penalty, regularised
-from compressor.pipeline import device_name, versions
+from compressor.provenance import device_name, versions
 from compressor.train import autocast, pick_device, prepare
 
 p = argparse.ArgumentParser()

@@ -113,7 +113,7 @@ def main():
             print(json.dumps(row), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
-    from compressor.pipeline import device_name
+    from compressor.provenance import device_name
 
     meta = {"command": "python benchmarks/kill_resume.py" + (f" --out {args.out}" if args.out else ""),
             "commit": commit, "device": device_name(torch.device("cpu")), "data": "synthetic (compressor's, 1024 "

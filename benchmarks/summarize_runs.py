@@ -59,11 +59,12 @@ def main(name: str, runs: list[str]) -> None:
     lines = ["| method | from scratch | budget | MACs kept | params kept | widths | total epochs | "
              "test acc after pruning | after fine-tuning | criterion notes |", "|---" * 10 + "|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {'yes' if r['from_scratch'] else 'no'} | {r['budget']} | {r['macs_kept']:.2%} | "
-                     f"{r['params_kept']:.2%} | {list(r['widths'].values())} | {r['total_epochs']} | "
-                     f"{r['acc_pruned']:.2%} | {r['acc_finetuned']:.2%} | {notes(r)} |")
+        lines.append(f"| {r['method']} | {'yes' if r['from_scratch'] else 'no'} | {r['budget']} | "
+                     f"{r['macs_kept']:.2%} | {r['params_kept']:.2%} | {list(r['widths'].values())} | "
+                     f"{r['total_epochs']} | {r['acc_pruned']:.2%} | {r['acc_finetuned']:.2%} | {notes(r)} |")
     lines += ["", "Commands (in row order):", ""] + [f"    {r['command']}" for r in rows]
-    lines += ["", f"Device: {rows[0]['device']}; commit {rows[0]['commit']}; dates {rows[0]['date']} .. {rows[-1]['date']}."]
+    lines += ["", f"Device: {rows[0]['device']}; commit {rows[0]['commit']}; "
+                  f"dates {rows[0]['date']} .. {rows[-1]['date']}."]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -41,7 +41,8 @@ class ModelSpec:
         return torch.zeros(batch, *self.input_shape)
 
 
-def spec_for(model: nn.Module, model_name: str, factory_kwargs: dict, input_shape, num_classes: int, **extra) -> ModelSpec:
+def spec_for(model: nn.Module, model_name: str, factory_kwargs: dict, input_shape, num_classes: int,
+             **extra) -> ModelSpec:
     """Describe ``model`` (dense or pruned) so that :func:`load` can rebuild it."""
     x = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
     widths = surgery.trace(model, x).widths()

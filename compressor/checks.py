@@ -35,7 +35,8 @@ def number(name: str, value, *, integer: bool = False, low=None, high=None, low_
             span = f"{'(' if low_open else '['}{_show(low)}, {_show(high)}{')' if high_open else ']'}"
             raise CompressorError(f"{name} must lie in {span}, got {value}")
         if low is not None:
-            raise CompressorError(f"{name} must be {'greater than' if low_open else 'at least'} {_show(low)}, got {value}")
+            raise CompressorError(f"{name} must be {'greater than' if low_open else 'at least'} {_show(low)}, "
+                                  f"got {value}")
         raise CompressorError(f"{name} must be {'less than' if high_open else 'at most'} {_show(high)}, got {value}")
     return value
 

@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 from . import criteria, distributed, models
 from .errors import CompressorError
+from .export import FORMATS
 from .pipeline import RunConfig, run
 
 
@@ -49,7 +50,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also save training progress every N steps inside an epoch (default 0: at epoch ends only)")
     _criterion_options(p)
-    p.add_argument("--export", metavar="FORMATS", help="after the run, export the pruned model: onnx,onnx-int8,trt,aoti")
+    p.add_argument("--export", metavar="FORMATS", help="after the run, export the pruned model: "
+                   + ",".join(FORMATS.names()))
     p.add_argument("--bench", action="store_true", help="after the run, benchmark dense vs pruned (see compress bench)")
     _export_options(p)
     _bench_options(p)
@@ -79,7 +81,8 @@ def _training_options(p) -> None:
     p.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine"])
     p.add_argument("--label-smoothing", type=float, help="default by device: CPU 0, CUDA 0.1")
     p.add_argument("--compile", choices=["auto", "on", "off"],
-                   help="torch.compile the training model (default auto: on CUDA only; on a CPU it needs a C++ compiler)")
+                   help="torch.compile the training model (default auto: on CUDA only; on a CPU it needs a C++ "
+                        "compiler)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for scoring")
     p.add_argument("--data-mode", default="auto", choices=["auto", "memory", "stream"],
                    help="memory: decode the set into memory; stream: read ImageFolder trees from disk in DataLoader "
@@ -88,40 +91,42 @@ def _training_options(p) -> None:
     g = p.add_argument_group("distillation", "fine-tune against the dense model's soft targets (Hinton et al.)")
     g.add_argument("--distill", type=float, default=0.0, metavar="W",
                    help="weight of the distillation term in the fine-tuning loss, in [0, 1] (default 0: off)")
-    g.add_argument("--distill-temperature", type=float, default=4.0, metavar="T", help="softmax temperature (default 4)")
+    g.add_argument("--distill-temperature", type=float, default=4.0, metavar="T",
+                   help="softmax temperature (default 4)")
 
 
 def _criterion_options(p) -> None:
-    """Each criterion's own settings."""
-    g = p.add_argument_group("sensitivity criterion")
-    g.add_argument("--levels", default="0.25,0.5,0.75", help="damage levels (share of filters zeroed, or noise scale)")
-    g.add_argument("--damage", default="zero", choices=["zero", "noise"], help="zero lowest-L1 filters, or add noise")
-    g = p.add_argument_group("steps (sensitivity, psap)")
-    g.add_argument("--steps", type=int, help="prune / train steps (default: sensitivity 1, psap 3)")
-    g.add_argument("--step-epochs", type=int, help="training epochs in each step, and smoea's between groups (default 1)")
-    g = p.add_argument_group("psap criterion")
-    g.add_argument("--psap-threshold", type=float, default=0.5,
-                   help="a weight counts as sparse below this x its layer's mean |w| (default 0.5)")
-    g.add_argument("--protect-z", type=float, default=2.0,
-                   help="restore a masked filter whose gradient exceeds the kept ones' mean + z std (default 2)")
-    g = p.add_argument_group("ffr criterion")
-    g.add_argument("--ffr-length", type=float, default=0.01, help="weight of the flow's length term (default 0.01)")
-    g.add_argument("--ffr-curvature", type=float, default=0.01, help="weight of the curvature term (default 0.01)")
-    g.add_argument("--ffr-warmup", type=float, default=1.0, help="epochs over which the penalty ramps up (default 1)")
-    g.add_argument("--ffr-epochs", type=int, default=5, help="epochs of regularised training (default 5)")
-    g.add_argument("--ffr-score", default="bn", choices=["bn", "norm"], help="rank filters by BN scale or L2 norm")
-    g.add_argument("--ffr-floor", type=float, default=0.5, help="no group ends narrower than this share of the "
-                   "width uniform pruning would give it (default 0.5; 0: no floor)")
-    g.add_argument("--ffr-compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the penalty (auto: on a GPU only; on a CPU it needs a C++ compiler)")
-    g = p.add_argument_group("smoea criterion")
-    g.add_argument("--group-size", type=int, default=1, help="consecutive prunable layers searched together")
-    g.add_argument("--population", type=int, default=32)
-    g.add_argument("--generations", type=int, default=30)
-    g.add_argument("--crossover", default="uniform", choices=["uniform", "two-point"])
-    g.add_argument("--mutation", type=float, help="bit-flip probability (default 1 / filters in the group)")
-    g.add_argument("--objective", default="accuracy", choices=["accuracy", "loss"], help="what the search maximises")
-    g.add_argument("--search-samples", type=int, default=2048, help="validation images that score a candidate")
+    """Each criterion's settings, from its config class in the registry: one group per criterion. A flag
+    several criteria declare (--steps) is added once, with each one's default in its help."""
+    declared: dict[str, list] = {}
+    for entry in criteria.CRITERIA:
+        for f in entry.info["config"].options():
+            declared.setdefault(f.metadata["option"]["flag"], []).append((entry.name, f))
+    shared = p.add_argument_group("shared by several criteria")
+    groups = {}
+    for flag, owners in declared.items():
+        method, f = owners[0]
+        meta = f.metadata["option"]
+        if len(owners) > 1:
+            group = shared
+            defaults = "; ".join(f"{m} {o.default}" for m, o in owners)
+            help_text = f"{meta['help']} (default: {defaults})"
+        else:
+            if method not in groups:
+                doc = (criteria.config_class(method).__doc__ or "").strip().splitlines()[0]
+                groups[method] = p.add_argument_group(f"{method} criterion", doc)
+            group = groups[method]
+            help_text = f"{meta['help']} (default {f.default})"
+        # text the config parses itself (levels) stays text: its check gives the one-line error
+        kind = int if meta["integer"] else float if meta["low"] is not None or meta["high"] is not None else str
+        group.add_argument(flag, dest=criteria.flag_dest(flag), type=kind, choices=meta["choices"],
+                           default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
+
+
+def _criterion_configs(args) -> dict:
+    """Every criterion's config from the criterion flags given (each checked by its config class)."""
+    given = {f: v for f, v in vars(args).items() if any(criteria.declares(m, f) for m in criteria.available())}
+    return criteria.configs_from(given), given
 
 
 def _compare_parser(sub) -> None:
@@ -167,7 +172,8 @@ def _export_options(p) -> None:
     g.add_argument("--no-accuracy", dest="accuracy", action="store_false",
                    help="skip each artifact's top-1 accuracy on the whole test split (measured by default)")
     g.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
-    g.add_argument("--onnx-fp16", action="store_true", help="convert the ONNX file to fp16 (needs onnxconverter-common)")
+    g.add_argument("--onnx-fp16", action="store_true",
+                   help="convert the ONNX file to fp16 (needs onnxconverter-common)")
     g.add_argument("--onnx-simplify", action="store_true", help="simplify the ONNX graph with onnxslim")
     g.add_argument("--min-batch", type=int, default=1, help="TensorRT profile: smallest batch")
     g.add_argument("--opt-batch", type=int, default=32, help="TensorRT profile: batch to tune for")
@@ -192,10 +198,10 @@ def _checked(flag: str, integer: bool = False, low=0, low_open: bool = True):
 
 
 def _bench_options(p) -> None:
-    from .bench.backends import COMPILE_MODES
+    from .bench.backends import BACKENDS, COMPILE_MODES, default_backends
 
     g = p.add_argument_group("benchmark")
-    g.add_argument("--backends", help="eager,compile,aoti,ort,trt (default eager,ort)")
+    g.add_argument("--backends", help=f"{','.join(BACKENDS.names())} (default {','.join(default_backends())})")
     g.add_argument("--batch-sizes", help="comma-separated batch sizes (default 1,32)")
     g.add_argument("--precision", default="fp32",
                    help="comma-separated: fp32, fp16 (GPU), int8 (ort only; other backends skip it) (default fp32)")
@@ -217,7 +223,7 @@ def _bench_options(p) -> None:
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="export a run's pruned model (ONNX, TensorRT, AOTInductor), verified")
     p.add_argument("source", help="a run directory (its pruned.pt) or a checkpoint file")
-    p.add_argument("--formats", default="onnx", help="onnx,onnx-int8,trt,aoti (default onnx)")
+    p.add_argument("--formats", default="onnx", help=f"{','.join(FORMATS.names())} (default onnx)")
     p.add_argument("--out", help="output folder (default RUN_DIR/export)")
     p.add_argument("--data-dir", help="where the checkpoint's data set lives (for the verification batch)")
     _export_options(p)
@@ -244,32 +250,19 @@ def _analyze_parser(sub) -> None:
     p.add_argument("--damage", default="zero", choices=["zero", "noise"])
     p.add_argument("--data-dir")
     p.add_argument("--device", default="auto")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="must match the run's, to stay off its training images")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="must match the run's, to stay off its training images")
     p.add_argument("--seed", type=int, default=0, help="the run's seed (it fixes the validation split)")
     p.add_argument("--out", help="output folder (default: the run directory, or the checkpoint's folder)")
 
 
 def cmd_analyze(args, _argv) -> None:
-    from pathlib import Path
+    from .criteria.sensitivity import SensitivityConfig, analyze_source
 
-    from . import checkpoint, data as datasets, surgery
-    from .criteria.sensitivity import analyze, write_analysis
-    from .pipeline import RunConfig, criterion_options
-    from .train import pick_device
-
-    # the numbers first (levels, validation share, seed), before the checkpoint or any data is read
-    options = RunConfig(levels=args.levels, damage=args.damage, val_fraction=args.val_fraction, seed=args.seed)
-    levels = criterion_options(options.validate())["levels"]
-    source = Path(args.source)
-    ckpt = source / "dense.pt" if source.is_dir() else source
-    model, spec = checkpoint.load(ckpt, with_spec=True)
-    data = datasets.load(spec.dataset, args.data_dir, args.val_fraction, args.seed)
-    device = pick_device(args.device)
-    model.to(device)
-    graph = surgery.trace(model, data.example_inputs(device=device))
-    analysis = analyze(model, graph, data, device, levels, args.damage, seed=args.seed)
-    out = Path(args.out) if args.out else (source if source.is_dir() else ckpt.parent)
-    for path in write_analysis(analysis, out):
+    config = SensitivityConfig(levels=args.levels, damage=args.damage)  # checked before any file is read
+    analysis, paths = analyze_source(args.source, config, data_dir=args.data_dir, device=args.device,
+                                     val_fraction=args.val_fraction, seed=args.seed, out=args.out)
+    for path in paths:
         print(f"wrote {path}")
     for name, value in sorted(analysis["sensitiveness"].items(), key=lambda kv: -kv[1]):
         print(f"  {name:30s} sensitiveness {value:.4f}")
@@ -298,19 +291,27 @@ def _bench_kwargs(args) -> dict:
 
 def cmd_run(args, argv) -> None:
     from .bench import backends
-    from .bench.run import bench, check_options as check_bench
+    from .bench.run import bench
+    from .bench.run import check_options as check_bench
     from .export import parse_formats
-    from .export.run import check_options as check_export, export
+    from .export import require as require_formats
+    from .export.run import check_options as check_export
+    from .export.run import export
     from .train import pick_device
 
     metric, fraction = next(((m, v) for m, v in (("params", args.budget_params), ("latency", args.budget_latency),
                                                   ("latency_ms", args.budget_ms)) if v is not None),
                             ("macs", args.budget_macs))
     fields = {k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__}
+    configs, given = _criterion_configs(args)
     config = RunConfig(**fields, budget_metric=metric, budget=0.5 if fraction is None else fraction,
-                       argv=["compress", *argv])
+                       criterion=configs.get(args.method), argv=["compress", *argv])
     # every mistake the export and benchmark after the run would meet stops now, not after training
     config.validate()
+    if args.method in criteria.available():
+        for name in (n for n in given if not criteria.declares(args.method, n)):
+            print(f"compress: note: --{name.replace('_', '-')} is not an option of {args.method}; ignored",
+                  file=sys.stderr)
     formats = parse_formats(args.export)
     check_export(args.trt_precision, args.opset, args.min_batch, args.opt_batch, args.max_batch, args.workspace_gib,
                  calibration_images=args.calibration_images, calibration_method=args.calibration_method,
@@ -318,12 +319,8 @@ def cmd_run(args, argv) -> None:
     check_bench(args.batch_sizes, args.warmup, args.min_iters, args.min_seconds)
     if args.bench:
         device = pick_device(args.device)
-        backends.check_precision(args.precision, device)
-        backends.parse_backends(args.backends, device)
-    if "trt" in formats:
-        from .export import tensorrt
-
-        tensorrt.require()
+        backends.parse_backends(args.backends, device, backends.check_precision(args.precision, device))
+    require_formats(formats)  # TensorRT and each format's own needs, before training
     metrics = run(config)
     out = metrics["out"]
     if formats:
@@ -337,8 +334,10 @@ def cmd_compare(args, argv) -> None:
 
     fields = {k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__ and k != "out"}
     base = RunConfig(**fields).validate()  # every number, before any data is read
-    compare(base, parse_methods(args.methods), parse_budgets(args.budgets), parse_seeds(args.seeds), args.out,
-            argv=["compress", *argv])
+    configs, _ = _criterion_configs(args)
+    methods = parse_methods(args.methods)
+    compare(base, methods, parse_budgets(args.budgets), parse_seeds(args.seeds), args.out,
+            configs={m: configs[m] for m in methods}, argv=["compress", *argv])
 
 
 def cmd_export(args, _argv) -> None:
@@ -362,7 +361,8 @@ def cmd_inspect(args, _argv) -> None:
     print(json.dumps({"spec": asdict(spec), "macs": cost.macs, "params": cost.params}, indent=2))
 
 
-COMMANDS = {"run": cmd_run, "compare": cmd_compare, "export": cmd_export, "bench": cmd_bench, "analyze": cmd_analyze, "inspect": cmd_inspect}
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "export": cmd_export, "bench": cmd_bench, "analyze": cmd_analyze,
+            "inspect": cmd_inspect}
 
 EPILOG = """\
 Options without a command mean `run`: `compress --method ffr --export trt`
@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_parser(sub)
     _analyze_parser(sub)
     _inspect_parser(sub)
-    parser.usage = "%(prog)s [COMMAND] [options]   (COMMAND: run, compare, export, bench, analyze, inspect; default run)"
+    parser.usage = f"%(prog)s [COMMAND] [options]   (COMMAND: {', '.join(COMMANDS)}; default run)"
     return parser
 
 

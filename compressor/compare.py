@@ -28,12 +28,14 @@ from . import criteria
 from .budget import METRICS
 from .errors import CompressorError
 from .files import atomic_path, write_json, write_text
-from .pipeline import RunConfig, device_name, run, versions
+from .pipeline import RunConfig, run
+from .provenance import device_name, git_commit, versions
+from .rundir import RunDir
 
 REFERENCE = "l1"  # every method's difference is paired by seed with this one
 FLOOR = "random"  # a criterion that ties random channels adds nothing: always a row
 SETTINGS = "compare-settings.json"
-_PER_CELL = ("method", "budget_metric", "budget", "argv", "data_dir", "data_mode", "workers", "device")
+_PER_CELL = ("method", "budget_metric", "budget", "criterion", "argv", "data_dir", "data_mode", "workers", "device")
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,10 @@ def parse_seeds(text: str | int) -> list[int]:
 
 
 def compare(base: RunConfig, methods: list[str], budgets: list[tuple[str, float]], seeds: list[int],
-            out: str | Path, argv: list[str] | None = None) -> dict:
-    """Run (or continue) the study in ``out`` and return what ``compare.json`` holds."""
+            out: str | Path, configs: dict | None = None, argv: list[str] | None = None) -> dict:
+    """Run (or continue) the study in ``out`` and return what ``compare.json`` holds.
+
+    ``configs``: each method's :class:`~compressor.criteria.CriterionConfig` (default: its defaults)."""
     out = Path(out)
     if base.pruning_epochs is None:
         raise CompressorError("compare needs --pruning-epochs: the epochs every cell trains after the dense model")
@@ -109,20 +113,23 @@ def compare(base: RunConfig, methods: list[str], budgets: list[tuple[str, float]
     for method in methods:
         if method not in criteria.available():
             raise CompressorError(f"unknown method {method!r}; available: {', '.join(criteria.available())}")
+    configs = {m: (configs or {}).get(m) or criteria.default_config(m) for m in methods}
     cells = [Cell(m, metric, f, s) for metric, f in budgets for m in methods for s in seeds]
     shared = {k: v for k, v in asdict(base).items() if k not in _PER_CELL}
+    shared["criteria"] = {m: json.loads(json.dumps(c.to_dict())) for m, c in configs.items()}
     _claim(out, shared)
     dense_ckpt, dense = _dense(base, out)
     started, done_here, results = time.perf_counter(), [], {}
     for i, cell in enumerate(cells, 1):
         folder = out / "cells" / cell.name
-        finished = (folder / "metrics.json").is_file()
+        finished = RunDir(folder).finished()
         t0 = time.perf_counter()
-        record = _cell(base, cell, folder, dense_ckpt, seeds[0] if base.split_seed is None else base.split_seed)
+        record = _cell(replace(base, criterion=configs[cell.method]), cell, folder, dense_ckpt,
+                       seeds[0] if base.split_seed is None else base.split_seed)
         results[cell] = record
         if not finished:
             done_here.append(time.perf_counter() - t0)
-        left = sum(1 for c in cells[i:] if not (out / "cells" / c.name / "metrics.json").is_file())
+        left = sum(1 for c in cells[i:] if not RunDir(out / "cells" / c.name).finished())
         eta = statistics.mean(done_here) * left if done_here else 0.0
         print(_progress(i, len(cells), cell, record, finished, eta), flush=True)
         write_study(out, base, methods, budgets, seeds, dense, list(results.values()), argv)
@@ -142,10 +149,15 @@ def _claim(out: Path, shared: dict) -> None:
     if path.is_file():
         saved = json.loads(path.read_text())
         differ = [f"--{k.replace('_', '-')} {shared.get(k)!r} (the study has {v!r})" for k, v in saved.items()
-                  if shared.get(k) != v]
+                  if shared.get(k) != v and k != "criteria"]
+        differ += [f"{m}'s settings {c} (the study has {saved['criteria'][m]})"
+                   for m, c in shared["criteria"].items()
+                   if m in saved.get("criteria", {}) and saved["criteria"][m] != c]
         if differ:
             raise CompressorError(f"{out} holds a study with other settings; methods, budgets and seeds may change, "
                                   f"these may not: {'; '.join(differ)}. Choose another --out")
+        if set(shared["criteria"]) - set(saved.get("criteria", {})):  # a method joins the study: record its settings
+            write_json(path, saved | {"criteria": saved.get("criteria", {}) | shared["criteria"]})
         return
     if out.exists() and any(out.iterdir()):
         raise CompressorError(f"{out} is not empty and holds no study ({SETTINGS}); choose another --out")
@@ -157,7 +169,7 @@ def _quietly(folder: Path):
     """A cell's own output goes to its log.txt: the study prints one line per cell."""
     folder.mkdir(parents=True, exist_ok=True)
     stack = contextlib.ExitStack()
-    log = stack.enter_context(open(folder / "log.txt", "a", buffering=1))
+    log = stack.enter_context(open(RunDir(folder).log, "a", buffering=1))
     stack.enter_context(contextlib.redirect_stdout(log))
     stack.enter_context(contextlib.redirect_stderr(log))
     return stack
@@ -170,25 +182,27 @@ def _dense(base: RunConfig, out: Path) -> tuple[str, dict]:
             raise CompressorError(f"no checkpoint at {base.checkpoint}")
         return base.checkpoint, {"checkpoint": base.checkpoint}
     folder = out / "dense"
-    if not (folder / "metrics.json").is_file():
-        print(f"compare: training the dense model in {folder} (log: {folder / 'log.txt'})", flush=True)
+    if not RunDir(folder).finished():
+        print(f"compare: training the dense model in {folder} (log: {RunDir(folder).log})", flush=True)
         config = replace(base, method=REFERENCE, budget_metric="params", budget=1.0, finetune_epochs=0,
                          pruning_epochs=None, out=str(folder), resume=True, distill=0.0)
         with _quietly(folder):
             run(config)
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = RunDir(folder).read_metrics()
     dense = {"run": str(folder), "epochs": metrics["epochs"]["dense"], "accuracy": metrics["accuracy"]["dense"],
              "macs": metrics["macs"]["dense"], "params": metrics["params"]["dense"],
              "seconds": metrics["seconds"]["train"]}
     print(f"compare: dense model {dense['accuracy']['test']:.2%} test accuracy after {dense['epochs']} epochs",
           flush=True)
-    return str(folder / "dense.pt"), dense
+    return str(RunDir(folder).dense), dense
 
 
 def _cell(base: RunConfig, cell: Cell, folder: Path, dense_ckpt: str, split_seed: int) -> dict:
     config = replace(base, method=cell.method, budget_metric=cell.metric, budget=cell.fraction, seed=cell.seed,
                      split_seed=split_seed, checkpoint=dense_ckpt, epochs=0, out=str(folder), resume=True)
     t0 = time.perf_counter()
+    if RunDir(folder).finished():  # finished: read, never redone
+        return _record(cell, RunDir(folder).read_metrics(), folder, 0.0)
     try:
         with _quietly(folder):
             metrics = run(config)
@@ -273,11 +287,9 @@ def summarize(cells: list[dict], reference: str = REFERENCE) -> list[dict]:
 
 def write_study(out: Path, base: RunConfig, methods, budgets, seeds, dense: dict, cells: list[dict],
                 argv: list[str] | None) -> dict:
-    from .pipeline import _git_commit  # noqa: PLC0415  (provenance of the library that ran)
-
     rows = summarize(cells)
     study = {"format": "compressor.compare/1", "command": argv, "date": datetime.now(timezone.utc).isoformat(
-        timespec="seconds"), "commit": _git_commit(), "device": device_name(_device(base)), "versions": versions(),
+        timespec="seconds"), "commit": git_commit(), "device": device_name(_device(base)), "versions": versions(),
         "model": base.model, "dataset": base.dataset, "methods": methods, "budgets": [list(b) for b in budgets],
         "seeds": seeds, "pruning_epochs": base.pruning_epochs, "reference": REFERENCE, "dense": dense,
         "settings": {k: v for k, v in asdict(base).items() if k != "argv"}, "summary": rows, "cells": cells}
@@ -298,13 +310,14 @@ def _pct(x: float | None) -> str:
 
 
 def markdown(study: dict) -> str:
-    d = study["dense"]
+    d, cells = study["dense"], study["cells"]
     lines = [f"# compare: {study['model']} on {study['dataset']}", "",
              f"- command: `{' '.join(study['command'] or ['(Python API)'])}`",
-             f"- commit {study['commit']} (cells ran at {', '.join(sorted({str(c.get('commit')) for c in study['cells']}))})"
-             f", {study['device']}, {study['date']}",
+             f"- commit {study['commit']} (cells ran at {', '.join(sorted({str(c.get('commit')) for c in cells}))}), "
+             f"{study['device']}, {study['date']}",
              f"- dense model: {d.get('run') or d.get('checkpoint')}"
-             + (f", {_pct(d['accuracy']['test'])}% test accuracy after {d['epochs']} epochs" if "accuracy" in d else ""),
+             + (f", {_pct(d['accuracy']['test'])}% test accuracy after {d['epochs']} epochs"
+                if "accuracy" in d else ""),
              f"- every cell: {study['pruning_epochs']} epochs after the dense model (criterion's own + fine-tuning); "
              f"seeds {', '.join(map(str, study['seeds']))}",
              f"- accuracy: top-1 on the test split after fine-tuning, mean ± std over seeds (percent); "
@@ -348,7 +361,8 @@ def plot(study: dict, path: Path) -> None:
                             label=method)
         ax.set(xlabel=f"kept fraction of {metric}", ylabel="test accuracy after fine-tuning (%)",
                title=f"{study['model']} / {study['dataset']}: mean ± std over {len(study['seeds'])} seed(s)")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

@@ -132,10 +132,10 @@ def check_backend(backend: str, device: torch.device | None = None) -> torch.dev
                 f"{', '.join(ort.get_available_providers())} (use ort-cpu or eager here)")
         return torch.device("cuda")
     if backend == "trt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise CompressorError("--latency-backend trt needs TensorRT (pip install tensorrt) and a CUDA GPU") from None
+        from .export import tensorrt
+
+        if not tensorrt.available():
+            raise CompressorError("--latency-backend trt needs TensorRT (pip install tensorrt) and a CUDA GPU")
         if not cuda:
             raise CompressorError("--latency-backend trt needs a CUDA GPU; this machine has none")
         return torch.device("cuda")
@@ -524,7 +524,8 @@ class Runner:
                 r += 1
         ref = names[0]
         fraction = {n: statistics.median([b / a for a, b in zip(rounds_ms[ref], rounds_ms[n])]) for n in names[1:]}
-        return {"ms": {n: statistics.median(t) for n, t in times.items()}, "min_ms": {n: min(t) for n, t in times.items()},
+        return {"ms": {n: statistics.median(t) for n, t in times.items()},
+                "min_ms": {n: min(t) for n, t in times.items()},
                 "fraction": fraction, "rounds": r}
 
 
@@ -638,7 +639,8 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += _diff(a, b, f"{prefix}{k}.")
         elif a != b:
-            show = (lambda v: json.dumps(v)[:60])
+            def show(v):
+                return json.dumps(v)[:60]
             out.append(f"{prefix}{k}: {show(a)} -> {show(b)}")
     return out
 
@@ -854,7 +856,8 @@ def model_for(graph, budget, round_to: int, max_ratio: float) -> LatencyModel:
         return found
     spec = getattr(budget, "latency", None)
     if spec is None:
-        raise BudgetError("a latency budget needs its backend and batch: Budget('latency', F, latency=LatencySpec(...)), "
+        raise BudgetError("a latency budget needs its backend and batch: "
+                          "Budget('latency', F, latency=LatencySpec(...)), "
                           "or compressor.latency.prepare(...) before planning")
     model = LatencyModel(graph, spec, round_to, max_ratio)
     activate(model)
@@ -924,7 +927,8 @@ def budget_from(metric: str, value: float, backend: str = "ort-cpu", batch: int 
 
 def check_config(config) -> None:
     """RunConfig.validate's part for budgets (latency ones included)."""
-    if config.budget_metric in ("latency", "latency_ms") and config.method == "sensitivity" and (config.steps or 1) > 1:
+    if (config.budget_metric in ("latency", "latency_ms") and config.method == "sensitivity"
+            and config.criterion_config().steps > 1):
         raise CompressorError("a latency budget works with sensitivity in one step; multi-step --steps prunes a "
                               "copy between steps, which the latency table does not follow")
     budget_from(config.budget_metric, config.budget, getattr(config, "latency_backend", "ort-cpu"),
@@ -969,7 +973,8 @@ def run_metrics(budget, pruned_model: nn.Module, dense_cost, pruned_cost) -> dic
            "dense_ms": measured["ms"]["dense"], "measured_ms": measured["ms"]["pruned"], "measured_fraction": fraction,
            "predicted_fraction": predicted, "predicted_ms": predicted * lat.dense_ms if predicted else None,
            "within_tolerance": abs(fraction - budget.fraction) <= budget.tolerance,
-           "mac_fraction": pruned_cost.macs / dense_cost.macs, "params_fraction": pruned_cost.params / dense_cost.params,
+           "mac_fraction": pruned_cost.macs / dense_cost.macs,
+           "params_fraction": pruned_cost.params / dense_cost.params,
            "speedup": 1.0 / fraction if fraction else None, "model": lat.report,
            "solver": lat.solves[-1] if lat.solves else None}
     _log(lat.spec, f"pruned model: {fraction:.3f} of dense latency measured ({measured['ms']['pruned']:.4f} ms), "

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -18,11 +15,14 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, criteria, data as datasets, distributed, latency, models, surgery
+from . import checkpoint, criteria, distributed, latency, models, surgery
+from . import data as datasets
 from .budget import Budget
 from .errors import CompressorError
 from .files import write_json, write_text
+from .provenance import device_name, git_commit, versions  # noqa: F401  (re-exported for old callers)
 from .resume import STATE_DIR, RunState
+from .rundir import RunDir
 from .train import TrainConfig, evaluate, fit, pick_device, resolve_defaults
 
 TRAINING_DEFAULTS = ("batch_size", "lr", "finetune_lr", "label_smoothing", "compile")  # None: chosen by device
@@ -61,30 +61,12 @@ class RunConfig:
     val_fraction: float = 0.1
     data_mode: str = "auto"  # auto, memory, stream (ImageFolder trees from disk through DataLoader workers)
     workers: int | None = None  # stream mode's DataLoader workers (default min(8, CPUs))
-    levels: str = "0.25,0.5,0.75"  # sensitivity: damage levels
-    damage: str = "zero"  # sensitivity: zero or noise
-    steps: int | None = None  # sensitivity (default 1) and psap (default 3): prune / train steps
-    step_epochs: int | None = None  # training epochs inside a criterion's steps (default 1)
+    # the method's own settings: a CriterionConfig of the method's class (None: its defaults), e.g. PSAPConfig()
+    criterion: criteria.CriterionConfig | None = None
     from_scratch: bool = False  # no dense training: a training criterion starts from random weights
     resume: bool = False  # continue an interrupted run in --out from its last saved progress
     checkpoint_every: int = 0  # also save training progress every N steps inside an epoch (0: at epoch ends)
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
-    psap_threshold: float = 0.5
-    protect_z: float = 2.0
-    ffr_length: float = 0.01
-    ffr_curvature: float = 0.01
-    ffr_warmup: float = 1.0
-    ffr_epochs: int = 5
-    ffr_score: str = "bn"
-    ffr_floor: float = 0.5  # no group below this share of its uniform-pruning width
-    ffr_compile: str = "auto"  # torch.compile the penalty: auto (GPU only), on, off
-    group_size: int = 1
-    population: int = 32
-    generations: int = 30
-    crossover: str = "uniform"
-    mutation: float | None = None
-    objective: str = "accuracy"
-    search_samples: int = 2048
     # latency budget (budget_metric "latency": budget = fraction of dense latency; "latency_ms": budget = ms)
     latency_backend: str = "ort-cpu"
     latency_batch: int = 1
@@ -107,7 +89,6 @@ class RunConfig:
         number("--distill", self.distill, low=0, high=1)
         number("--distill-temperature", self.distill_temperature, low=0, low_open=True)
         number("--split-seed", self.split_seed, integer=True, low=0, high=2**32 - 1, optional=True)
-        number("--ffr-floor", self.ffr_floor, low=0, high=1)
         number("--lr", self.lr, low=0, low_open=True, optional=True)
         number("--finetune-lr", self.finetune_lr, low=0, low_open=True, optional=True)
         number("--batch-size", self.batch_size, integer=True, low=1, optional=True)
@@ -125,26 +106,16 @@ class RunConfig:
             number(f"--budget-{self.budget_metric}", self.budget, low=0, high=1, low_open=True)
         latency.check_config(self)  # the metric's name; a latency budget's backend, batch and fraction / ms
         choice("--schedule", self.schedule, SCHEDULES)
-        choice("--damage", self.damage, ("zero", "noise"))
-        for flag, value, least, optional in (
-                ("--steps", self.steps, 1, True), ("--step-epochs", self.step_epochs, 0, True),
-                ("--population", self.population, 4, False), ("--generations", self.generations, 0, False),
-                ("--group-size", self.group_size, 1, False), ("--search-samples", self.search_samples, 1, False),
-                ("--ffr-epochs", self.ffr_epochs, 0, False)):
-            number(flag, value, integer=True, low=least, optional=optional)
-        for flag, value in (("--ffr-length", self.ffr_length), ("--ffr-curvature", self.ffr_curvature),
-                            ("--ffr-warmup", self.ffr_warmup), ("--protect-z", self.protect_z)):
-            number(flag, value, low=0)
-        number("--psap-threshold", self.psap_threshold, low=0, high=1, low_open=True, high_open=True)
-        number("--mutation", self.mutation, low=0, high=1, optional=True)
-        if not isinstance(self.levels, str):
-            raise CompressorError(f"--levels takes numbers separated by commas, not {self.levels!r}")
-        levels = criterion_options(self)["levels"]  # also checks the criteria's names (crossover, objective, ...)
-        if not levels:
-            raise CompressorError("--levels needs at least one damage level in (0, 1)")
-        for level in levels:
-            number("--levels", level, low=0, high=1, low_open=True, high_open=True)
+        if self.method in criteria.available() and self.criterion is not None:
+            expected = criteria.config_class(self.method)
+            if not isinstance(self.criterion, expected):  # its own fields were checked when it was built
+                raise CompressorError(f"{self.method} takes a {expected.__name__} as its criterion settings, "
+                                      f"not a {type(self.criterion).__name__}")
         return self
+
+    def criterion_config(self) -> criteria.CriterionConfig:
+        """The method's settings: as given, or the method's defaults."""
+        return self.criterion if self.criterion is not None else criteria.default_config(self.method)
 
 
 def default_out(config: RunConfig) -> Path:
@@ -163,40 +134,8 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         return  # under torchrun, rank 0 prepares the directory
     # metrics.json marks a finished run, so it goes first; the other files are replaced
     # atomically as the new run writes them (the old dense.pt may be this run's --checkpoint)
-    (out / "metrics.json").unlink(missing_ok=True)
+    RunDir(out).metrics.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": platform.python_version(), "commit": _git_commit()}
-    for dist in ("compressor", "torch", "torchvision", "torch-pruning", "onnx", "onnxruntime"):
-        try:
-            found[dist] = version(dist)
-        except PackageNotFoundError:
-            found[dist] = None
-    return found
-
-
-def _git_commit() -> str | None:
-    """The commit that produced a result, marked -dirty when the tree had uncommitted changes."""
-    here = Path(__file__).parent
-
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        return (commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def run(config: RunConfig) -> dict:
@@ -211,9 +150,9 @@ def run(config: RunConfig) -> dict:
     if config.resume:
         if not config.out:
             raise CompressorError("--resume continues a run: give its --out")
-        if (Path(config.out) / "metrics.json").is_file():
+        if RunDir(config.out).finished():
             print(f"{config.out} holds a finished run (metrics.json); nothing to resume")
-            return json.loads((Path(config.out) / "metrics.json").read_text())
+            return RunDir(config.out).read_metrics()
         saved_config = _saved_config(Path(config.out))
         if saved_config is None:
             print(f"--resume: nothing saved in {config.out}; starting the run from the beginning")
@@ -237,7 +176,6 @@ def run(config: RunConfig) -> dict:
         raise CompressorError(f"no checkpoint at {config.checkpoint}")
     if config.round_to < 1:
         raise CompressorError(f"--round-to must be at least 1, got {config.round_to}")
-    options = criterion_options(config)
     device = distributed.setup(pick_device(config.device))
     distributed.quiet_others()
     out = Path(config.out) if config.out else default_out(config)
@@ -251,24 +189,24 @@ def run(config: RunConfig) -> dict:
             write_json(state.dir / RUN_JSON, _comparable(config))
         left = state.remove_partials()
         if left:
-            print(f"removed {len(left)} unfinished file(s) of an interrupted process: {', '.join(p.name for p in left)}")
+            print(f"removed {len(left)} unfinished file(s) of an interrupted process: "
+                  f"{', '.join(p.name for p in left)}")
         distributed.barrier()  # no rank reads saved progress before rank 0 has cleared a stale one
-        metrics = _run(config, out, state, options, budget, device, t0, resumed=saved_config is not None)
+        metrics = _run(config, out, state, budget, device, t0, resumed=saved_config is not None)
         state.close(finished=True)
     finally:
         state.close(finished=False)
     return metrics
 
 
-def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: Budget, device: torch.device,
-         t0: float, resumed: bool) -> dict:
+def _run(config: RunConfig, out: Path, state: RunState, budget: Budget, device: torch.device, t0: float,
+         resumed: bool) -> dict:
     seconds: dict[str, float] = {}
     torch.manual_seed(config.seed)
     # batch size, learning rates, label smoothing and compile left open are chosen for the device, once
     resolved, chosen = resolve_defaults(device.type, {k: getattr(config, k) for k in TRAINING_DEFAULTS})
     config = replace(config, **{k: v for k, v in resolved.items() if k != "compile"},
                      compile="on" if resolved["compile"] else "off")
-    options = {**options, **criterion_options(config), "compile": resolved["compile"]}
     training_defaults = {"device": device.type, **resolved, "chosen": chosen}
 
     stage = time.perf_counter()
@@ -317,14 +255,19 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
     history = fit(model, data, train_cfg, device, desc="train", state=state.stage("train"))
     seconds["train"] = time.perf_counter() - stage
     acc = {"dense": {"val": evaluate(model, data, "val", device), "test": evaluate(model, data, "test", device)}}
-    checkpoint.save(model, spec_of(model), out / "dense.pt")
+    checkpoint.save(model, spec_of(model), RunDir(out).dense)
     teacher = copy.deepcopy(model).eval() if config.distill > 0 else None  # criteria may train the model on
 
     stage = time.perf_counter()
     budget = latency.prepare(budget, graph, device, config.round_to, config.max_ratio)  # table, dense latency
+    # a criterion trains at the fine-tuning rate, or the dense one when it starts from random weights
+    criterion_training = TrainConfig(0, config.lr if config.from_scratch else config.finetune_lr, config.batch_size,
+                                     schedule=config.schedule, label_smoothing=config.label_smoothing,
+                                     seed=config.seed, compile=resolved["compile"])
     request = criteria.PlanRequest(model, graph.example_inputs, budget, config.round_to, config.max_ratio,
-                                   config.seed, data, device, graph, options=options, out_dir=out, state=state)
-    plan = criteria.make_plan(config.method, request)
+                                   config.seed, data, device, graph, train=criterion_training,
+                                   from_scratch=config.from_scratch, resume=config.resume, out_dir=out, state=state)
+    plan = criteria.make_plan(config.method, request, config.criterion_config())
     if distributed.active():  # every rank prunes alike: rank 0's plan, checked against each rank's own
         own, plan = plan, distributed.broadcast(plan)
         same = all(distributed.all_gather(own.keep == plan.keep))
@@ -332,14 +275,15 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
         if not same:
             print("warning: the ranks' plans differed (nondeterministic kernels?); every rank uses rank 0's")
     seconds["plan"] = time.perf_counter() - stage
-    write_text(out / "plan.json", plan.to_json() + "\n")
+    write_text(RunDir(out).plan, plan.to_json() + "\n")
 
     finetune_epochs = config.finetune_epochs
     if config.pruning_epochs is not None:  # equal epochs: what the criterion trained counts against the total
         finetune_epochs = config.pruning_epochs - request.train_epochs
         if finetune_epochs < 0:
             raise CompressorError(f"{config.method} trained {request.train_epochs} epochs on its own, more than "
-                                  f"--pruning-epochs {config.pruning_epochs}; give more epochs or fewer criterion steps")
+                                  f"--pruning-epochs {config.pruning_epochs}; give more epochs or fewer criterion "
+                                  "steps")
     dense_cost = surgery.count(model, graph.example_inputs)
     dense_widths = graph.widths()
     stage = time.perf_counter()
@@ -356,7 +300,7 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
     seconds["finetune"] = time.perf_counter() - stage
     acc["finetuned"] = acc["pruned"] if not ft_history else {
         "val": evaluate(model, data, "val", device), "test": evaluate(model, data, "test", device)}
-    checkpoint.save(model, spec_of(model), out / "pruned.pt")
+    checkpoint.save(model, spec_of(model), RunDir(out).pruned)
     seconds["total"] = time.perf_counter() - t0
 
     metrics = {
@@ -388,7 +332,7 @@ def _run(config: RunConfig, out: Path, state: RunState, options: dict, budget: B
         "versions": versions(),
     }
     distributed.barrier()  # a rank that died stops the job here: no metrics.json for an unfinished run
-    write_json(out / "metrics.json", metrics)
+    write_json(RunDir(out).metrics, metrics)
     print(summary(metrics, out))
     return metrics
 
@@ -421,46 +365,28 @@ def _resumed(config: RunConfig, saved: dict) -> RunConfig:
         if name not in RunConfig.__dataclass_fields__:
             continue
         now = getattr(config, name)
-        if now != getattr(defaults, name) and now != was:
+        if name == "criterion":  # saved as its fields: each compared as an option, rebuilt as the method's config
+            clashes += _criterion_clashes(config, saved)
+        elif now != getattr(defaults, name) and now != was:
             clashes.append(f"--{name.replace('_', '-')} {now} (the run had {was})")
         merged[name] = was
+    if merged.get("criterion") is not None:
+        merged["criterion"] = criteria.config_class(saved["method"])(**merged["criterion"])
     if clashes:
         raise CompressorError("--resume continues the interrupted run with its own settings; these differ: "
                               + "; ".join(clashes))
     return replace(config, **merged)
 
 
-def criterion_options(config: RunConfig) -> dict:
-    try:
-        levels = [float(v) for v in config.levels.split(",") if v.strip()]
-    except ValueError:
-        raise CompressorError(f"--levels takes numbers separated by commas, not {config.levels!r}") from None
-    if config.crossover not in ("uniform", "two-point"):
-        raise CompressorError(f"--crossover must be uniform or two-point, not {config.crossover!r}")
-    if config.objective not in ("accuracy", "loss"):
-        raise CompressorError(f"--objective must be accuracy or loss, not {config.objective!r}")
-    if config.ffr_score not in ("bn", "norm"):
-        raise CompressorError(f"--ffr-score must be bn or norm, not {config.ffr_score!r}")
-    if config.ffr_compile not in ("auto", "on", "off"):
-        raise CompressorError(f"--ffr-compile must be auto, on or off, not {config.ffr_compile!r}")
-    limits = [("--steps", config.steps, 1), ("--step-epochs", config.step_epochs, 0), ("--population", config.population, 4),
-              ("--generations", config.generations, 0), ("--group-size", config.group_size, 1),
-              ("--search-samples", config.search_samples, 1), ("--ffr-epochs", config.ffr_epochs, 0),
-              ("--ffr-length", config.ffr_length, 0), ("--ffr-curvature", config.ffr_curvature, 0),
-              ("--ffr-warmup", config.ffr_warmup, 0), ("--protect-z", config.protect_z, 0)]
-    for flag, value, least in limits:
-        if value is not None and value < least:
-            raise CompressorError(f"{flag} must be at least {least}, got {value}")
-    if not 0 < config.psap_threshold < 1:
-        raise CompressorError(f"--psap-threshold must lie in (0, 1), got {config.psap_threshold}")
-    if config.mutation is not None and not 0 <= config.mutation <= 1:
-        raise CompressorError(f"--mutation is a probability in [0, 1], got {config.mutation}")
-    names = ("steps", "step_epochs", "from_scratch", "resume", "psap_threshold", "protect_z", "ffr_length",
-             "ffr_curvature", "ffr_warmup", "ffr_epochs", "ffr_score", "ffr_floor", "ffr_compile", "group_size", "population", "generations",
-             "crossover", "mutation", "objective", "search_samples")
-    return {"levels": levels, "mode": config.damage, "lr": config.lr if config.from_scratch else config.finetune_lr,
-            "batch_size": config.batch_size, "label_smoothing": config.label_smoothing, "schedule": config.schedule,
-            **{n: getattr(config, n) for n in names}}
+def _criterion_clashes(config: RunConfig, saved: dict) -> list[str]:
+    """The criterion options given with another value than the interrupted run had (a default is not given)."""
+    was = saved.get("criterion") or {}
+    cls = criteria.config_class(saved.get("method", config.method))
+    default = json.loads(json.dumps(asdict(cls())))
+    now = json.loads(json.dumps(asdict(config.criterion))) if config.criterion is not None else default
+    flags = {f.name: f.metadata["option"]["flag"] for f in cls.options()}
+    return [f"{flags.get(k, k)} {now[k]} (the run had {was.get(k, default[k])})" for k in now
+            if now[k] != default[k] and now[k] != was.get(k, default[k])]
 
 
 def _mean_seconds(history: list[dict]) -> float | None:

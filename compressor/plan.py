@@ -14,6 +14,17 @@ import torch
 from .errors import CompressorError
 
 
+def top_channels(score: torch.Tensor, width: int, group=None) -> list[int]:
+    """The ``width`` highest-scoring channels, ascending: the one answer to "scores to a keep set".
+
+    With the traced ``group`` (surgery.Group), the group chooses the best *legal* set (grouped
+    convs may need whole units, or as many channels from each conv group); else plain top-k.
+    """
+    if group is not None:
+        return sorted(group.choose(score, width))
+    return sorted(torch.topk(score.detach().float().cpu(), k=width, sorted=False).indices.tolist())
+
+
 @dataclass
 class PruningPlan:
     keep: dict[str, list[int]] = field(default_factory=dict)
@@ -25,14 +36,8 @@ class PruningPlan:
         Pass the traced ``graph`` (surgery.Graph) on models with grouped convs: its groups'
         ``choose`` picks the best *legal* set; without it the choice is plain top-k.
         """
-        if graph is not None:
-            return cls({name: graph.group(name).choose(scores[name], width) for name, width in widths.items()})
-        keep = {}
-        for name, width in widths.items():
-            score = scores[name].detach().float().cpu()
-            top = torch.topk(score, k=width, sorted=False).indices
-            keep[name] = sorted(top.tolist())
-        return cls(keep)
+        return cls({name: top_channels(scores[name], width, graph.group(name) if graph is not None else None)
+                    for name, width in widths.items()})
 
     @classmethod
     def first_channels(cls, widths: dict[str, int], graph=None) -> "PruningPlan":

@@ -358,7 +358,7 @@ def _constrain(model: nn.Module, group: Group) -> None:
             return
         if side == "in":
             per = m.in_channels // m.groups
-            where = {int(l): c for c, l in enumerate(idx.tolist())}
+            where = {int(channel): c for c, channel in enumerate(idx.tolist())}
             for p in range(per):
                 present = [where[b * per + p] for b in range(m.groups) if b * per + p in where]
                 if len(present) < m.groups:
@@ -368,8 +368,8 @@ def _constrain(model: nn.Module, group: Group) -> None:
         else:
             per = m.out_channels // m.groups
             blocks: list[list[int]] = [[] for _ in range(m.groups)]
-            for c, l in enumerate(idx.tolist()):
-                blocks[int(l) // per].append(c)
+            for c, channel in enumerate(idx.tolist()):
+                blocks[int(channel) // per].append(c)
             if any(len(b) != per for b in blocks):
                 group.mode, group.reason = "fixed", "; ".join(reasons)
                 return
@@ -443,7 +443,8 @@ def _apply(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tensor, gr
         keep = plan.keep[group.name]
         if not keep or len(set(keep)) != len(keep) or min(keep) < 0 or max(keep) >= group.width:
             raise CompressorError(
-                f"plan for {group.name!r} must keep 1..{group.width} distinct channels in [0, {group.width}); got {len(keep)}"
+                f"plan for {group.name!r} must keep 1..{group.width} distinct channels in [0, {group.width}); "
+                f"got {len(keep)}"
             )
         problem = group.check(keep)
         if problem:

@@ -48,7 +48,8 @@ class TrainConfig:
         number("TrainConfig.lr", self.lr, low=0, low_open=True)
         number("TrainConfig.batch_size", self.batch_size, integer=True, low=1)
         number("TrainConfig.weight_decay", self.weight_decay, low=0)
-        number("TrainConfig.momentum", self.momentum, low=0, high=1, low_open=True, high_open=True)  # Nesterov needs > 0
+        # Nesterov needs > 0
+        number("TrainConfig.momentum", self.momentum, low=0, high=1, low_open=True, high_open=True)
         number("TrainConfig.label_smoothing", self.label_smoothing, low=0, high=1, high_open=True)
         number("TrainConfig.seed", self.seed, integer=True, low=0)
         number("TrainConfig.distill", self.distill, low=0, high=1)
@@ -189,7 +190,8 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
     if config.schedule == "onecycle" and total >= 8:  # OneCycleLR divides by its phase lengths: too few steps fail
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total, pct_start=0.25)
     else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                      lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     hooks = hooks or TrainHooks()

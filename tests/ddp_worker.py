@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from compressor import data as datasets, distributed
+from compressor import data as datasets
+from compressor import distributed
 from compressor.train import TrainConfig, fit
 
 

@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
-from compressor import data as datasets, models, surgery
+from compressor import data as datasets
+from compressor import models, surgery
 from compressor.budget import Budget
 from compressor.criteria import PlanRequest, make_plan
-from compressor.criteria.ffr import FlowRecorder, channel_scores, flow_terms, match, regularised
+from compressor.criteria.ffr import FFRConfig, FlowRecorder, channel_scores, flow_terms, match, regularised
 from compressor.train import TrainConfig, fit
 
 CPU = torch.device("cpu")
@@ -74,8 +75,8 @@ def test_budget_is_met(small, name):
     model = models.create(name, 10, 3)
     x = small.example_inputs()
     dense = surgery.count(model, x)
-    request = PlanRequest(model, x, Budget("macs", 0.25), data=small, options={"ffr_epochs": 1})
-    plan = make_plan("ffr", request)
+    request = PlanRequest(model, x, Budget("macs", 0.25), data=small)
+    plan = make_plan("ffr", request, FFRConfig(epochs=1))
     kept = surgery.count(surgery.pruned_copy(model, plan, x), x).fraction_of(dense)["macs"]
     assert abs(kept - 0.25) <= 0.01
     report = request.report["ffr"]

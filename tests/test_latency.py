@@ -185,6 +185,7 @@ def test_bad_inputs(monkeypatch):
         latency.budget_from("latency", 0.5, backend="ort-cuda")
     with pytest.raises(CompressorError, match="trt needs"):
         latency.budget_from("latency", 0.5, backend="trt")
+    from compressor.criteria.sensitivity import SensitivityConfig
     from compressor.pipeline import RunConfig
 
     with pytest.raises(CompressorError, match="--budget-ms"):
@@ -192,7 +193,8 @@ def test_bad_inputs(monkeypatch):
     with pytest.raises(CompressorError, match="--latency-backend"):
         RunConfig(budget_metric="latency", budget=0.5, latency_backend="nope").validate()
     with pytest.raises(CompressorError, match="sensitivity in one step"):
-        RunConfig(budget_metric="latency", budget=0.5, method="sensitivity", steps=2).validate()
+        RunConfig(budget_metric="latency", budget=0.5, method="sensitivity", criterion=SensitivityConfig(steps=2)
+                  ).validate()
 
 
 def test_cli_parses_latency_budget():

@@ -11,12 +11,13 @@ import torch.nn as nn
 from torchvision.ops.misc import Permute
 
 from compressor import data as datasets
-from compressor import masking, surgery
+from compressor import surgery
 from compressor.budget import Budget
-from compressor.criteria import PlanRequest, make_plan
+from compressor.criteria import PlanRequest, configs_from, make_plan, masking
 from compressor.criteria.ffr import FlowRecorder, channel_scores, flow_modules
 from compressor.criteria.psap import GradientWatch
-from compressor.subnet import Split
+from compressor.criteria.subnet import Split
+from compressor.train import TrainConfig
 
 CPU = torch.device("cpu")
 SHAPE = (3, 16, 16)
@@ -85,13 +86,18 @@ def _model(cls, **kwargs):
     return cls(**kwargs)
 
 
+OPTIONS = {"steps": 1, "step_epochs": 1, "ffr_epochs": 1, "population": 4, "generations": 1, "search_samples": 8,
+           "levels": (0.5,)}
+
+
 def _request(model, data, method, fraction=0.5):
-    options = {"steps": 1, "step_epochs": 1, "ffr_epochs": 1, "population": 4, "generations": 1,
-               "search_samples": 8, "levels": (0.5,), "batch_size": 16}
-    if method == "smoea":
-        options["step_epochs"] = 0
     return PlanRequest(model, data.example_inputs(), Budget("macs", fraction), round_to=1, data=data,
-                       options=options)
+                       train=TrainConfig(0, lr=0.01, batch_size=16))
+
+
+def _config(method, **extra):
+    """The method's settings from one flat set of small ones (each criterion takes those it declares)."""
+    return configs_from(OPTIONS | ({"step_epochs": 0} if method == "smoea" else {}) | extra)[method]
 
 
 def _masks(graph, plan):
@@ -172,7 +178,7 @@ def test_concatenation_model_meets_the_budget_and_equals_the_pruned_one(tiny, me
     x = tiny.example_inputs()
     dense = surgery.count(model, x)
     request = _request(model, tiny, method)
-    plan = make_plan(method, request)
+    plan = make_plan(method, request, _config(method))
     graph = request.traced()
     pruned = surgery.pruned_copy(model, plan, x).eval()
     kept = surgery.count(pruned, x).fraction_of(dense)["macs"]
@@ -196,7 +202,7 @@ def test_channels_last_model_meets_the_budget(tiny, method):
     model = _model(LastBlock, c=64, hidden=128)
     x = tiny.example_inputs()
     dense = surgery.count(model, x)
-    plan = make_plan(method, _request(model, tiny, method))
+    plan = make_plan(method, _request(model, tiny, method), _config(method))
     kept = surgery.count(surgery.pruned_copy(model, plan, x), x).fraction_of(dense)["macs"]
     assert abs(kept - 0.5) <= 0.01, kept
 
@@ -241,7 +247,7 @@ def test_ffr_on_a_model_without_relu_meets_the_budget(tiny, cls):
     x = tiny.example_inputs()
     dense = surgery.count(model, x)
     request = _request(model, tiny, "ffr")
-    plan = make_plan("ffr", request)
+    plan = make_plan("ffr", request, _config("ffr"))
     kept = surgery.count(surgery.pruned_copy(model, plan, x), x).fraction_of(dense)["macs"]
     assert abs(kept - 0.5) <= 0.01, kept
     if len(flow_modules(model)) > 1:  # LastBlock's flow is its one GELU: no length
@@ -273,10 +279,11 @@ def test_grouped_convolution_plans_are_legal(tiny, method):
     x = tiny.example_inputs()
     dense = surgery.count(model, x)
     request = _request(model, tiny, method)
-    request.options.update({"steps": 2, "protect_z": 0.0, "generations": 2})  # psap's swaps run; smoea mutates
-    plan = make_plan(method, request)
+    # psap swaps; smoea mutates
+    plan = make_plan(method, request, _config(method, steps=2, protect_z=0.0, generations=2))
     graph = request.traced()
-    assert all(getattr(g, "check", lambda _: None)(plan.keep[g.name]) is None for g in graph.groups if g.name in plan.keep)
+    assert all(getattr(g, "check", lambda _: None)(plan.keep[g.name]) is None
+               for g in graph.groups if g.name in plan.keep)
     pruned = surgery.pruned_copy(model, plan, x).eval()
     kept = surgery.count(pruned, x).fraction_of(dense)["macs"]
     assert abs(kept - 0.5) <= 0.01, kept

@@ -1,10 +1,13 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
-from compressor import data as datasets, masking, models, surgery
+from compressor import data as datasets
+from compressor import models, surgery
 from compressor.budget import Budget, CostModel
-from compressor.criteria import PlanRequest, make_plan
-from compressor.criteria.psap import GradientWatch, protect, sparsity, step_scores
+from compressor.criteria import PlanRequest, make_plan, masking
+from compressor.criteria.psap import GradientWatch, PSAPConfig, protect, sparsity, step_scores
 from compressor.train import TrainConfig, fit
 
 CPU = torch.device("cpu")
@@ -19,11 +22,11 @@ def psap_request(name, data, fraction=0.5, metric="macs", steps=2):
     torch.manual_seed(0)
     model = models.create(name, 10, 3)
     x = data.example_inputs()
-    return PlanRequest(model, x, Budget(metric, fraction), data=data, options={"steps": steps, "step_epochs": 1})
+    return PlanRequest(model, x, Budget(metric, fraction), data=data), PSAPConfig(steps=steps, step_epochs=1)
 
 
 def test_sparser_layer_gets_higher_ratio(small):
-    request = psap_request("conv4", small, steps=1)
+    request, config = psap_request("conv4", small, steps=1)
     graph = request.traced()
     target = graph.groups[1]
     with torch.no_grad():  # zero 70% of one layer's weights: it is now the sparsest
@@ -31,7 +34,7 @@ def test_sparser_layer_gets_higher_ratio(small):
         w[torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) < 0.7] = 0
     found = sparsity(graph, masking.full_masks(graph))
     assert max(found, key=found.get) == target.name and found[target.name] > 0.7
-    make_plan("psap", request)
+    make_plan("psap", request, config)
     ratios = request.report["psap"]["steps"][0]["ratios"]
     assert max(ratios, key=ratios.get) == target.name
     assert ratios[target.name] > max(r for n, r in ratios.items() if n != target.name)
@@ -44,7 +47,8 @@ def test_masked_filter_with_large_gradient_is_restored_and_budget_holds(small):
     masks[name][:32] = False  # half of a 64-wide group masked
     grads = {g: torch.full((m.numel(),), 1.0) + 0.1 * torch.rand(m.numel()) for g, m in masks.items()}
     grads[name][5] = 50.0  # masked channel 5 stands out
-    importance = {g: torch.arange(m.numel(), dtype=torch.float) for g, m in masks.items()}  # channel 32 least important kept
+    # channel 32 least important kept
+    importance = {g: torch.arange(m.numel(), dtype=torch.float) for g, m in masks.items()}
     new, swaps = protect(masks, grads, importance, z=2.0)
     assert swaps[name] == [(5, 32)]
     assert new[name][5] and not new[name][32]
@@ -59,8 +63,8 @@ def test_masked_filter_with_large_gradient_is_restored_and_budget_holds(small):
 
 @pytest.mark.parametrize("name", ["conv4", "resnet20"])
 def test_masked_model_equals_pruned_model(small, name):
-    request = psap_request(name, small, fraction=0.5)
-    plan = make_plan("psap", request)
+    request, config = psap_request(name, small, fraction=0.5)
+    plan = make_plan("psap", request, config)
     model, x = request.model.eval(), small.example_inputs()
     graph = request.traced()
     kept = {g: set(idx) for g, idx in plan.keep.items()}
@@ -120,9 +124,8 @@ def test_masked_gradients_are_cleared_before_the_optimizer_step(small):
 
 def test_restored_channels_survive_the_next_pruning_step(small):
     # --protect-z 0: any masked channel whose gradient beats the kept channels' mean comes back
-    request = psap_request("conv4", small, fraction=0.3, metric="params", steps=3)
-    request.options["protect_z"] = 0.0
-    plan = make_plan("psap", request)
+    request, config = psap_request("conv4", small, fraction=0.3, metric="params", steps=3)
+    plan = make_plan("psap", request, replace(config, protect_z=0.0))
     report = request.report["psap"]
     restored = report["restored_per_step"]
     assert restored[0] == 0 and sum(restored) > 0
@@ -134,9 +137,9 @@ def test_restored_channels_survive_the_next_pruning_step(small):
 
 @pytest.mark.parametrize("name", ["conv4", "vgg11", "resnet20"])
 def test_budget_is_met(small, name):
-    request = psap_request(name, small, fraction=0.25, metric="params")
+    request, config = psap_request(name, small, fraction=0.25, metric="params")
     dense = surgery.count(request.model, request.example_inputs)
-    plan = make_plan("psap", request)
+    plan = make_plan("psap", request, config)
     pruned = surgery.pruned_copy(request.model, plan, request.example_inputs)
     kept = surgery.count(pruned, request.example_inputs).fraction_of(dense)["params"]
     assert abs(kept - 0.25) <= 0.01

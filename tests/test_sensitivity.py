@@ -4,11 +4,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compressor import data as datasets, models, surgery
+from compressor import data as datasets
+from compressor import models, surgery
 from compressor.budget import Budget
 from compressor.cli import main
 from compressor.criteria import PlanRequest, make_plan
-from compressor.criteria.sensitivity import analyze, ratios_from
+from compressor.criteria.sensitivity import SensitivityConfig, analyze, ratios_from
 from compressor.train import TrainConfig, fit
 
 CPU = torch.device("cpu")
@@ -80,8 +81,8 @@ def test_budget_is_met(small, name, steps):
     model = models.create(name, 10, 3)
     x = data.example_inputs()
     dense = surgery.count(model, x)
-    request = PlanRequest(model, x, Budget("macs", 0.5), data=data, options={"steps": steps, "step_epochs": 1})
-    plan = make_plan("sensitivity", request)
+    request = PlanRequest(model, x, Budget("macs", 0.5), data=data)
+    plan = make_plan("sensitivity", request, SensitivityConfig(steps=steps, step_epochs=1))
     kept = surgery.count(surgery.pruned_copy(model, plan, x), x).fraction_of(dense)["macs"]
     assert abs(kept - 0.5) <= 0.01
     assert len(request.report["sensitivity"].get("steps", [None])) == steps

@@ -4,12 +4,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from compressor import data as datasets, masking, models, nsga, surgery
+from compressor import data as datasets
+from compressor import models, surgery
 from compressor.budget import Budget, CostModel
-from compressor.criteria import PlanRequest, make_plan
-from compressor.criteria.smoea import BlockEvaluator, blocks_by_size
-from compressor.train import accuracy
+from compressor.criteria import PlanRequest, make_plan, masking, nsga
+from compressor.criteria.smoea import BlockEvaluator, SMOEAConfig, blocks_by_size
 from compressor.data import DeviceBatches
+from compressor.train import accuracy
 
 CPU = torch.device("cpu")
 
@@ -75,12 +76,16 @@ def test_suffix_evaluation_equals_full_model(small, name):
         torch.testing.assert_close(pruned(xs), full(xs), rtol=1e-4, atol=1e-5)
 
 
-def _request(name, data, out, fraction=0.25, **options):
+def _request(name, data, out, fraction=0.25, resume=False, on_progress=None):
     torch.manual_seed(0)
     model = models.create(name, 10, 3)
+    return PlanRequest(model, data.example_inputs(), Budget("params", fraction), data=data, out_dir=out,
+                       resume=resume, on_progress=on_progress)
+
+
+def _plan(request, **options):
     settings = {"population": 6, "generations": 3, "group_size": 2, "search_samples": 32, "step_epochs": 1} | options
-    return PlanRequest(model, data.example_inputs(), Budget("params", fraction), data=data, options=settings,
-                       out_dir=out)
+    return make_plan("smoea", request, SMOEAConfig(**settings))
 
 
 class Stop(Exception):
@@ -108,7 +113,7 @@ def _timeless(fronts):
 def unbroken(small, tmp_path_factory):
     out = tmp_path_factory.mktemp("unbroken")
     request = _request("conv4", small, out)
-    return request, make_plan("smoea", request), out
+    return request, _plan(request), out
 
 
 @pytest.mark.parametrize("cut", ["mid-search", "while training between blocks", "at a block boundary"])
@@ -121,17 +126,17 @@ def test_resume_gives_the_same_result(small, tmp_path, monkeypatch, unbroken, cu
         def stop(block, state):
             if block == 1 and state.generation == 2:
                 raise Stop
-        options["on_generation"] = stop
+        options["on_progress"] = stop
     elif cut == "while training between blocks":
         monkeypatch.setattr(smoea, "fit", _stop_on_call(smoea.fit, 1))
     else:  # after block 0's state is saved, before block 1's search starts
         monkeypatch.setattr(smoea, "BlockEvaluator", _stop_on_call(smoea.BlockEvaluator, 2))
     broken = _request("conv4", small, tmp_path, **options)
     with pytest.raises(Stop):
-        make_plan("smoea", broken)
+        _plan(broken)
     monkeypatch.undo()
     resumed = _request("conv4", small, tmp_path, resume=True)  # a fresh dense model, as the pipeline loads
-    assert make_plan("smoea", resumed).keep == plan.keep
+    assert _plan(resumed).keep == plan.keep
     assert _timeless(resumed.report["smoea"]["fronts"]) == _timeless(whole.report["smoea"]["fronts"])
     for a, b in zip(resumed.model.state_dict().values(), whole.model.state_dict().values()):
         torch.testing.assert_close(a, b)
@@ -141,20 +146,20 @@ def test_resume_gives_the_same_result(small, tmp_path, monkeypatch, unbroken, cu
 def test_resume_from_a_corrupt_state_is_one_clear_error(small, tmp_path):
     from compressor.errors import CompressorError
 
-    make_plan("smoea", _request("conv4", small, tmp_path, generations=1))
+    _plan(_request("conv4", small, tmp_path), generations=1)
     (tmp_path / "smoea-state.pt").write_bytes(b"not a torch file")
     with pytest.raises(CompressorError, match="cannot read the smoea state"):
-        make_plan("smoea", _request("conv4", small, tmp_path, generations=1, resume=True))
-    make_plan("smoea", _request("conv4", small, tmp_path, generations=2))  # a good state again
+        _plan(_request("conv4", small, tmp_path, resume=True), generations=1)
+    _plan(_request("conv4", small, tmp_path), generations=2)  # a good state again
     with pytest.raises(CompressorError, match="other settings"):
-        make_plan("smoea", _request("conv4", small, tmp_path, generations=1, resume=True))
+        _plan(_request("conv4", small, tmp_path, resume=True), generations=1)
 
 
 @pytest.mark.parametrize("name", ["conv4", "vgg11", "resnet20"])
 def test_budget_is_met(small, name, tmp_path):
-    request = _request(name, small, None, generations=1, group_size=3)
+    request = _request(name, small, None)
     dense = surgery.count(request.model, request.example_inputs)
-    plan = make_plan("smoea", request)
+    plan = _plan(request, generations=1, group_size=3)
     kept = surgery.count(surgery.pruned_copy(request.model, plan, request.example_inputs),
                          request.example_inputs).fraction_of(dense)["params"]
     assert abs(kept - 0.25) <= 0.01

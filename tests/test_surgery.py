@@ -159,6 +159,7 @@ def test_trace_and_surgery_under_inference_mode():
     model, x = make("resnet20")
     with torch.inference_mode():
         graph = surgery.trace(model, x)
-        surgery.apply(model, PruningPlan.first_channels({g: w // 2 for g, w in graph.widths().items()}, graph), x, graph)
+        surgery.apply(model, PruningPlan.first_channels({g: w // 2 for g, w in graph.widths().items()}, graph),
+                      x, graph)
     assert not any(p.is_inference() for p in model.parameters())
     model(x).sum().backward()  # still trainable outside inference mode

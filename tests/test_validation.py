@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from compressor import criteria
 from compressor.bench.run import bench
 from compressor.cli import main
 from compressor.errors import CompressorError
@@ -43,26 +44,32 @@ RUN_CASES = [
     ("--budget-macs", "nan", "budget", NAN, "--budget-macs must be a finite number"),
     ("--budget-macs", "inf", "budget", INF, "--budget-macs must be a finite number"),
     ("--budget-macs", "0", "budget", 0.0, "--budget-macs must lie in (0, 1], got 0.0"),
-    ("--levels", "0.5,1.5", "levels", "0.5,1.5", "--levels must lie in (0, 1), got 1.5"),
-    ("--levels", "nan", "levels", "nan", "--levels must be a finite number"),
-    ("--levels", ",", "levels", ",", "--levels needs at least one damage level"),
-    ("--levels", "a,b", "levels", "a,b", "--levels takes numbers separated by commas"),
-    ("--steps", "0", "steps", 0, "--steps must be at least 1, got 0"),
-    ("--step-epochs", "-1", "step_epochs", -1, "--step-epochs must be at least 0"),
-    ("--psap-threshold", "1", "psap_threshold", 1.0, "--psap-threshold must lie in (0, 1)"),
-    ("--psap-threshold", "nan", "psap_threshold", NAN, "--psap-threshold must be a finite number"),
-    ("--protect-z", "-1", "protect_z", -1.0, "--protect-z must be at least 0"),
-    ("--protect-z", "inf", "protect_z", INF, "--protect-z must be a finite number"),
-    ("--ffr-length", "nan", "ffr_length", NAN, "--ffr-length must be a finite number"),
-    ("--ffr-curvature", "-1", "ffr_curvature", -1.0, "--ffr-curvature must be at least 0"),
-    ("--ffr-warmup", "inf", "ffr_warmup", INF, "--ffr-warmup must be a finite number"),
-    ("--ffr-epochs", "-1", "ffr_epochs", -1, "--ffr-epochs must be at least 0"),
-    ("--group-size", "0", "group_size", 0, "--group-size must be at least 1"),
-    ("--population", "2", "population", 2, "--population must be at least 4"),
-    ("--generations", "-1", "generations", -1, "--generations must be at least 0"),
-    ("--mutation", "1.5", "mutation", 1.5, "--mutation must lie in [0, 1]"),
-    ("--mutation", "nan", "mutation", NAN, "--mutation must be a finite number"),
-    ("--search-samples", "0", "search_samples", 0, "--search-samples must be at least 1"),
+]
+
+# criterion options: (CLI flag, CLI value, method, its config's field, API value, words); the CLI refuses them
+# whatever the --method, since every criterion's config is built from the flags given
+CRITERION_CASES = [
+    ("--levels", "0.5,1.5", "sensitivity", "levels", "0.5,1.5", "--levels must lie in (0, 1), got 1.5"),
+    ("--levels", "nan", "sensitivity", "levels", "nan", "--levels must be a finite number"),
+    ("--levels", ",", "sensitivity", "levels", ",", "--levels needs at least one damage level"),
+    ("--levels", "a,b", "sensitivity", "levels", "a,b", "--levels takes numbers separated by commas"),
+    ("--steps", "0", "psap", "steps", 0, "--steps must be at least 1, got 0"),
+    ("--step-epochs", "-1", "sensitivity", "step_epochs", -1, "--step-epochs must be at least 0"),
+    ("--psap-threshold", "1", "psap", "threshold", 1.0, "--psap-threshold must lie in (0, 1)"),
+    ("--psap-threshold", "nan", "psap", "threshold", NAN, "--psap-threshold must be a finite number"),
+    ("--protect-z", "-1", "psap", "protect_z", -1.0, "--protect-z must be at least 0"),
+    ("--protect-z", "inf", "psap", "protect_z", INF, "--protect-z must be a finite number"),
+    ("--ffr-length", "nan", "ffr", "length", NAN, "--ffr-length must be a finite number"),
+    ("--ffr-curvature", "-1", "ffr", "curvature", -1.0, "--ffr-curvature must be at least 0"),
+    ("--ffr-warmup", "inf", "ffr", "warmup", INF, "--ffr-warmup must be a finite number"),
+    ("--ffr-epochs", "-1", "ffr", "epochs", -1, "--ffr-epochs must be at least 0"),
+    ("--ffr-floor", "2", "ffr", "floor", 2.0, "--ffr-floor must lie in [0, 1]"),
+    ("--group-size", "0", "smoea", "group_size", 0, "--group-size must be at least 1"),
+    ("--population", "2", "smoea", "population", 2, "--population must be at least 4"),
+    ("--generations", "-1", "smoea", "generations", -1, "--generations must be at least 0"),
+    ("--mutation", "1.5", "smoea", "mutation", 1.5, "--mutation must lie in [0, 1]"),
+    ("--mutation", "nan", "smoea", "mutation", NAN, "--mutation must be a finite number"),
+    ("--search-samples", "0", "smoea", "search_samples", 0, "--search-samples must be at least 1"),
 ]
 
 # export options: refused by `compress run --export`, `compress export` and export() alike
@@ -119,6 +126,20 @@ def test_run_refuses_bad_numbers_before_any_work(tmp_path, capsys, flag, text, k
     assert _cli(["--dataset", "synthetic", "--out", str(out), f"{flag}={text}"], capsys) == api
 
 
+@pytest.mark.parametrize("flag, text, method, key, value, words", CRITERION_CASES,
+                         ids=[f"{c[2]}.{c[3]}={c[4]!r}" for c in CRITERION_CASES])
+def test_criterion_options_are_refused_by_their_config_and_the_cli(tmp_path, capsys, flag, text, method, key, value,
+                                                                   words):
+    out = tmp_path / "r"
+    api = _api(lambda: run(RunConfig(dataset="synthetic", out=str(out), method=method,
+                                     criterion=criteria.config_class(method)(**{key: value}))))
+    assert words in api and not out.exists()
+    for chosen in (method, "l1"):  # refused whichever method runs: the flag's own range is wrong
+        assert _cli(["run", "--dataset", "synthetic", "--method", chosen, "--out", str(out), f"{flag}={text}"],
+                    capsys) == api
+        assert not out.exists()
+
+
 @pytest.mark.parametrize("flag, text, key, value, words", EXPORT_CASES, ids=_ids(EXPORT_CASES))
 def test_export_refuses_bad_numbers_before_any_work(tmp_path, capsys, flag, text, key, value, words):
     missing = tmp_path / "no-run"  # the numbers are checked before the source is even looked for
@@ -165,9 +186,7 @@ def test_analyze_refuses_bad_numbers_before_reading_the_checkpoint(tmp_path, cap
     ({"seed": 2**32}, "--seed must lie in [0, 4294967295]"),
     ({"budget_metric": "flops"}, "budget metric must be one of"),
     ({"schedule": "linear"}, "--schedule must be one of onecycle, cosine"),
-    ({"damage": "blur"}, "--damage must be one of zero, noise"),
-    ({"crossover": "three-point"}, "--crossover must be uniform or two-point"),
-    ({"levels": [0.5]}, "--levels takes numbers separated by commas"),
+    ({"method": "psap", "criterion": "threshold=0.4"}, "psap takes a PSAPConfig as its criterion settings"),
 ])
 def test_run_config_refuses_wrong_types_and_names(tmp_path, kwargs, words):
     out = tmp_path / "r"
@@ -175,10 +194,25 @@ def test_run_config_refuses_wrong_types_and_names(tmp_path, kwargs, words):
     assert words in _api(lambda: RunConfig(**kwargs).validate()) and not out.exists()
 
 
+@pytest.mark.parametrize("method, kwargs, words", [
+    ("sensitivity", {"damage": "blur"}, "--damage must be one of zero, noise"),
+    ("smoea", {"crossover": "three-point"}, "--crossover must be one of uniform, two-point"),
+    ("sensitivity", {"levels": ["a"]}, "--levels must be a number, got 'a'"),
+    ("smoea", {"population": 4.5}, "--population must be a whole number, got 4.5"),
+])
+def test_criterion_configs_refuse_wrong_types_and_names(method, kwargs, words):
+    assert words in _api(lambda: criteria.config_class(method)(**kwargs))
+
+
 def test_good_configs_pass_validation():
     assert RunConfig().validate() == RunConfig()
     RunConfig(epochs=0, finetune_epochs=0, lr=1e-4, label_smoothing=0.0, val_fraction=0.0, max_ratio=0.999,
-              seed=2**32 - 1, budget=1.0, levels="0.1, 0.9", steps=None, mutation=0.0, ffr_length=0).validate()
+              seed=2**32 - 1, budget=1.0).validate()
+    from compressor.criteria.sensitivity import SensitivityConfig
+    from compressor.criteria.smoea import SMOEAConfig
+
+    assert SensitivityConfig(levels="0.1, 0.9").levels == (0.1, 0.9)
+    RunConfig(method="smoea", criterion=SMOEAConfig(mutation=0.0)).validate()
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -18,12 +18,13 @@ import torch
 import torchvision
 
 import compressor
-from compressor import checkpoint, masking, surgery
+from compressor import checkpoint, surgery
 from compressor import data as datasets
 from compressor.budget import Budget
-from compressor.criteria import PlanRequest, make_plan
+from compressor.criteria import PlanRequest, configs_from, make_plan, masking
 from compressor.errors import TraceError
 from compressor.export import onnx
+from compressor.train import TrainConfig
 
 from .test_grouped import randomize_bn
 from .test_masking_layouts import _masks
@@ -50,7 +51,7 @@ FAST_PAIRS = {("mobilenet_v3_small", "sensitivity"), ("googlenet", "psap"), ("re
 LAYERNORM_OVER_CHANNELS = {"convnext_tiny"}
 
 OPTIONS = {"levels": (0.5,), "steps": 1, "step_epochs": 1, "ffr_epochs": 1, "population": 4, "generations": 1,
-           "group_size": 64, "search_samples": 32, "batch_size": 16}
+           "group_size": 64, "search_samples": 32}
 
 
 def _cases():
@@ -79,10 +80,14 @@ def _build(name):
 
 
 def _request(model, data, method):
-    options = dict(OPTIONS)
-    if method == "smoea":
-        options["step_epochs"] = 0
-    return PlanRequest(model, data.example_inputs(), Budget("macs", 0.5), round_to=8, data=data, options=options)
+    return PlanRequest(model, data.example_inputs(), Budget("macs", 0.5), round_to=8, data=data,
+                       train=TrainConfig(0, lr=0.01, batch_size=16))
+
+
+def _plan(method, request):
+    """The method's plan with the small settings (each criterion takes the OPTIONS it declares)."""
+    config = configs_from(OPTIONS | ({"step_epochs": 0} if method == "smoea" else {}))[method]
+    return make_plan(method, request, config)
 
 
 @pytest.mark.parametrize("name, method", list(_cases()))
@@ -91,7 +96,7 @@ def test_zoo(zoo_data, tmp_path, name, method):
     x = zoo_data.example_inputs()
     dense = surgery.count(model, x)
     request = _request(model, zoo_data, method)
-    plan = make_plan(method, request)
+    plan = _plan(method, request)
     model.eval()  # the dense model after the criterion (which may have trained it)
     pruned = surgery.pruned_copy(model, plan, x).eval()
 
@@ -133,4 +138,4 @@ def test_zoo(zoo_data, tmp_path, name, method):
 def test_channel_shuffle_is_refused_once_and_clearly(zoo_data, method):
     model = torchvision.models.shufflenet_v2_x0_5(weights=None, num_classes=10)
     with pytest.raises(TraceError, match=r"shuffles channels in 'stage2\.0'.*ShuffleNet-style models cannot be pruned"):
-        make_plan(method, _request(model, zoo_data, method))
+        _plan(method, _request(model, zoo_data, method))

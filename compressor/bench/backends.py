@@ -7,6 +7,18 @@
 ``ort``      ONNX Runtime (CPU, or the CUDA provider when onnxruntime-gpu is installed); precision
              int8 is a QDQ ONNX quantized statically here (random calibration: latency only)
 ``trt``      a TensorRT engine (GPU and TensorRT only)
+
+Each is one entry of :data:`BACKENDS`, registered beside the function that builds it: a
+function ``(model, build: Build) -> Prepared``. :func:`parse_backends`, :func:`check_precision`,
+:func:`prepare`, the bench loop, the report and the CLI's help read names and settings from the
+registry, so adding a backend is one registration. An entry's ``info``: ``help`` (one line),
+``precisions`` (those it is benchmarked at; default fp32 and fp16), ``gpu_only`` (why it needs a
+CUDA GPU, where it does), ``tensorrt`` (True: needs TensorRT, checked before anything runs),
+``default`` (True: benchmarked when ``--backends`` is not given), ``channels_last`` (True: it
+runs the PyTorch module, so on a GPU its inputs are channels_last like its weights), ``release`` (a function called
+after the backend's points, to free what it cached) and ``accuracy`` (where the report finds the
+top-1 of what it runs: ``"pytorch"`` for the run's own fp32 accuracy, else the export format
+whose ``export.json`` entry holds it).
 """
 from __future__ import annotations
 
@@ -19,11 +31,11 @@ import torch
 import torch.nn as nn
 
 from ..errors import CompressorError
+from ..registry import Registry
 
-BACKENDS = ("eager", "compile", "aoti", "ort", "trt")
-GPU_ONLY = {"trt": "TensorRT engines run only on NVIDIA GPUs"}
+BACKENDS = Registry("bench backend")
 PRECISIONS = ("fp32", "fp16", "int8")
-INT8_BACKENDS = ("ort",)  # int8 is benchmarked as an int8 ONNX on ONNX Runtime; other backends skip it
+DEFAULT_PRECISIONS = ("fp32", "fp16")  # a backend's, unless its entry says otherwise
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -37,23 +49,58 @@ class Prepared:
     format: str = ""  # pt, onnx, pt2, engine
 
 
+@dataclass
+class Build:
+    """What a backend's build function is given beside the model (already a copy, in eval mode, on
+    ``device`` in ``dtype``, channels_last on a GPU)."""
+    example: torch.Tensor  # one example input batch (CPU, float32)
+    device: torch.device
+    precision: str  # fp32, fp16 or int8
+    dtype: torch.dtype  # the model's parameters' dtype for that precision
+    workdir: Path  # where artifacts go (it exists)
+    label: str  # dense or pruned: the start of each artifact's file name
+    max_batch: int  # the largest batch size it will be called with
+    compile_mode: str = "default"
+    checkpoint: Path | None = None  # the checkpoint the model came from
+
+
+def _precisions(backend: str) -> tuple[str, ...]:
+    return tuple(BACKENDS.get(backend).info.get("precisions", DEFAULT_PRECISIONS))
+
+
+def backends_for(precision: str) -> list[str]:
+    """The backends benchmarked at ``precision``."""
+    return [e.name for e in BACKENDS if precision in e.info.get("precisions", DEFAULT_PRECISIONS)]
+
+
+def default_backends() -> list[str]:
+    """What ``--backends`` means when not given (eager,ort)."""
+    return [e.name for e in BACKENDS if e.info.get("default")]
+
+
 def applies(backend: str, precision: str) -> bool:
     """Whether ``backend`` is benchmarked at ``precision`` (int8 only on ONNX Runtime)."""
-    return precision != "int8" or backend in INT8_BACKENDS
+    return precision in _precisions(backend)
 
 
-def parse_backends(text: str | None, device: torch.device) -> list[str]:
-    names = [b.strip() for b in (text or "eager,ort").split(",") if b.strip()]
+def parse_backends(text: str | None, device: torch.device, precisions: list[str] | None = None) -> list[str]:
+    """The backends of ``"eager,ort"`` (default: those registered with ``default``), each known and
+    possible on ``device``; with ``precisions``, each of those must be benchmarked on one of them."""
+    names = [b.strip() for b in (text or ",".join(default_backends())).split(",") if b.strip()]
     unknown = [b for b in names if b not in BACKENDS]
     if unknown:
-        raise CompressorError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+        raise CompressorError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS.names())}")
     for b in names:
-        if b in GPU_ONLY and device.type != "cuda":
-            raise CompressorError(f"backend {b!r} needs a CUDA GPU ({GPU_ONLY[b]}); this run is on {device.type}")
-    if "trt" in names:
+        why = BACKENDS.get(b).info.get("gpu_only")
+        if why and device.type != "cuda":
+            raise CompressorError(f"backend {b!r} needs a CUDA GPU ({why}); this run is on {device.type}")
+    if any(BACKENDS.get(b).info.get("tensorrt") for b in names):
         from ..export import tensorrt
 
         tensorrt.require()  # fail now, not after the other backends have run
+    for p in precisions or []:
+        if not any(applies(b, p) for b in names):
+            raise CompressorError(f"{p} is benchmarked on {', '.join(backends_for(p))} only; add it to --backends")
     return names
 
 
@@ -81,53 +128,88 @@ def prepare(backend: str, model: nn.Module, example: torch.Tensor, device: torch
             workdir: Path, label: str, max_batch: int, compile_mode: str = "default",
             checkpoint: Path | None = None) -> Prepared:
     """Build ``backend``'s runnable form of ``model`` (artifacts go to ``workdir``)."""
+    entry = BACKENDS.get(backend)
     if not applies(backend, precision):
-        raise CompressorError(f"precision {precision} is benchmarked on {', '.join(INT8_BACKENDS)} only, not {backend}")
+        raise CompressorError(f"precision {precision} is benchmarked on {', '.join(backends_for(precision))} only, "
+                              f"not {backend}")
     dtype = torch.float16 if precision == "fp16" else torch.float32
     model = copy.deepcopy(model).eval().to(device=device, dtype=dtype)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     workdir.mkdir(parents=True, exist_ok=True)
-    if backend == "eager":
-        return Prepared(model, dtype, False, artifact=checkpoint, format="pt")
-    if backend == "compile":
-        import torch._dynamo as dynamo
+    return entry.target(model, Build(example, device, precision, dtype, workdir, label, max_batch, compile_mode,
+                                     checkpoint))
 
-        # one graph per model x precision x batch size, all on the same forward code
-        for name in ("cache_size_limit", "recompile_limit"):
-            if hasattr(dynamo.config, name):
-                setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
-        mode = check_compile_mode(compile_mode)
-        graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
-        return Prepared(torch.compile(model, mode=mode, dynamic=False), dtype, graphs,
-                        note=f"mode {mode}, one graph per batch size", artifact=checkpoint, format="pt")
-    if backend == "aoti":
-        from ..export import aoti
 
-        path = aoti.export(model, workdir / f"{label}-{device.type}-{precision}.pt2", example.to(device, dtype),
-                           device.type, max_batch=max_batch, fp16=precision == "fp16")
-        return Prepared(aoti.AOTIModel(path), dtype, False, artifact=path, format="pt2")
-    if backend == "ort":
-        from ..export import onnx
+def release(backend: str) -> None:
+    """Free what ``backend`` cached for its points (torch.compile's graphs), where its entry says how."""
+    hook = BACKENDS.get(backend).info.get("release") if backend in BACKENDS else None
+    if hook:
+        hook()
 
-        if precision == "int8":
-            fp32 = onnx.export(model, workdir / f"{label}-fp32.onnx", example)
-            path = quantize_int8(fp32, workdir / f"{label}-int8.onnx", example)
-        else:
-            path = onnx.export(model, workdir / f"{label}-{precision}.onnx", example, fp16=precision == "fp16")
-        return Prepared(onnx.OnnxRuntimeModel(path, device.type), torch.float32, False,
-                        note="IOBinding on CUDA" if device.type == "cuda" else "CPU provider",
-                        artifact=path, format="onnx")
-    if backend == "trt":
-        from ..export import onnx, tensorrt
 
-        fp16_onnx = tensorrt.wants_fp16_onnx(precision)
-        onnx_path = onnx.export(model, workdir / f"{label}-{'fp16' if fp16_onnx else 'fp32'}.onnx", example,
-                                fp16=fp16_onnx)
-        engine = tensorrt.build_engine(onnx_path, workdir / f"{label}-{precision}.engine", precision=precision,
-                                       min_batch=1, opt_batch=min(32, max_batch), max_batch=max_batch)
-        return Prepared(tensorrt.TensorRTModel(engine), torch.float32, False, artifact=engine, format="engine")
-    raise CompressorError(f"unknown backend {backend!r}")
+@BACKENDS.register("eager", default=True, accuracy="pytorch", channels_last=True,
+                   help="the module itself (channels_last and fp16 on a GPU)")
+def build_eager(model: nn.Module, b: Build) -> Prepared:
+    return Prepared(model, b.dtype, False, artifact=b.checkpoint, format="pt")
+
+
+def _reset_dynamo() -> None:
+    torch._dynamo.reset()
+
+
+@BACKENDS.register("compile", accuracy="pytorch", channels_last=True, release=_reset_dynamo,
+                   help="torch.compile (--compile-mode), one graph per batch size")
+def build_compile(model: nn.Module, b: Build) -> Prepared:
+    import torch._dynamo as dynamo
+
+    # one graph per model x precision x batch size, all on the same forward code
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
+    mode = check_compile_mode(b.compile_mode)
+    graphs = b.device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+    return Prepared(torch.compile(model, mode=mode, dynamic=False), b.dtype, graphs,
+                    note=f"mode {mode}, one graph per batch size", artifact=b.checkpoint, format="pt")
+
+
+@BACKENDS.register("aoti", accuracy="aoti", help="an AOTInductor package, compiled once for every batch size")
+def build_aoti(model: nn.Module, b: Build) -> Prepared:
+    from ..export import aoti
+
+    path = aoti.export(model, b.workdir / f"{b.label}-{b.device.type}-{b.precision}.pt2",
+                       b.example.to(b.device, b.dtype), b.device.type, max_batch=b.max_batch,
+                       fp16=b.precision == "fp16")
+    return Prepared(aoti.AOTIModel(path), b.dtype, False, artifact=path, format="pt2")
+
+
+@BACKENDS.register("ort", default=True, precisions=PRECISIONS, accuracy="onnx",
+                   help="ONNX Runtime (CPU, or CUDA with onnxruntime-gpu); int8: a QDQ ONNX")
+def build_ort(model: nn.Module, b: Build) -> Prepared:
+    from ..export import onnx
+
+    if b.precision == "int8":
+        fp32 = onnx.export(model, b.workdir / f"{b.label}-fp32.onnx", b.example)
+        path = quantize_int8(fp32, b.workdir / f"{b.label}-int8.onnx", b.example)
+    else:
+        path = onnx.export(model, b.workdir / f"{b.label}-{b.precision}.onnx", b.example,
+                           fp16=b.precision == "fp16")
+    return Prepared(onnx.OnnxRuntimeModel(path, b.device.type), torch.float32, False,
+                    note="IOBinding on CUDA" if b.device.type == "cuda" else "CPU provider",
+                    artifact=path, format="onnx")
+
+
+@BACKENDS.register("trt", gpu_only="TensorRT engines run only on NVIDIA GPUs", tensorrt=True, accuracy="trt",
+                   help="a TensorRT engine (NVIDIA GPU and TensorRT only)")
+def build_trt(model: nn.Module, b: Build) -> Prepared:
+    from ..export import onnx, tensorrt
+
+    fp16_onnx = tensorrt.wants_fp16_onnx(b.precision)
+    onnx_path = onnx.export(model, b.workdir / f"{b.label}-{'fp16' if fp16_onnx else 'fp32'}.onnx", b.example,
+                            fp16=fp16_onnx)
+    engine = tensorrt.build_engine(onnx_path, b.workdir / f"{b.label}-{b.precision}.engine", precision=b.precision,
+                                   min_batch=1, opt_batch=min(32, b.max_batch), max_batch=b.max_batch)
+    return Prepared(tensorrt.TensorRTModel(engine), torch.float32, False, artifact=engine, format="engine")
 
 
 def quantize_int8(fp32_onnx: Path, path: Path, example: torch.Tensor, calibration_batches: int = 4) -> Path:

@@ -20,20 +20,20 @@ from typing import Callable
 import torch
 
 
-def _percentile(sorted_ms: list[float], q: float) -> float:
-    if len(sorted_ms) == 1:
-        return sorted_ms[0]
-    pos = (len(sorted_ms) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_ms) - 1)
-    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
+def _cuts(values: list[float], n: int) -> list[float]:
+    """The ``n - 1`` cut points that split ``values`` into ``n`` equal groups, interpolating linearly
+    between order statistics (``statistics.quantiles``, inclusive: numpy's default percentile)."""
+    if len(values) == 1:  # Python < 3.13 wants two
+        return [values[0]] * (n - 1)
+    return statistics.quantiles(values, n=n, method="inclusive")
 
 
 def summarize(times_ms: list[float], batch: int) -> dict:
     s = sorted(times_ms)
     median = statistics.median(s)
-    return {"mean_ms": statistics.fmean(s), "median_ms": median, "p90_ms": _percentile(s, 0.90),
-            "p99_ms": _percentile(s, 0.99), "min_ms": s[0], "iterations": len(s),
+    percentiles = _cuts(s, 100)  # percentiles[k - 1] is the k-th
+    return {"mean_ms": statistics.fmean(s), "median_ms": median, "p90_ms": percentiles[89],
+            "p99_ms": percentiles[98], "min_ms": s[0], "iterations": len(s),
             "throughput": batch / (median / 1000.0)}
 
 
@@ -171,8 +171,7 @@ def interleave(calls: dict[str, Callable[[], object]], device: torch.device, *, 
     return {"first_call_ms": first_call_ms, "warmup": warmup, "burst": burst, "rounds": r, "timed_out": timed_out,
             "times": times, "round_ms": round_ms, "ratios": ratios,
             "speedup": {n: statistics.median(v) if v else None for n, v in ratios.items()},
-            "speedup_iqr": {n: [_percentile(sorted(v), 0.25), _percentile(sorted(v), 0.75)] if v else None
-                            for n, v in ratios.items()}}
+            "speedup_iqr": {n: _cuts(v, 4)[::2] if v else None for n, v in ratios.items()}}
 
 
 def measure_pair(fns: dict[str, Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, device: torch.device,

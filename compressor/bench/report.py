@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..files import atomic_path
+from .backends import BACKENDS, PRECISIONS
 
-
-PRECISION_ORDER = ("fp32", "fp16", "int8")
+PRECISION_ORDER = PRECISIONS  # fp32, fp16, int8
 
 
 def speedups(points: list[dict]) -> list[dict]:
@@ -40,10 +40,13 @@ def accuracy(result: dict, backend: str, precision: str) -> tuple[float | None, 
     acc = result.get("accuracy") or {}
     dense = pruned = None  # the dense model is only evaluated in PyTorch fp32 (export covers the pruned one)
     export = result.get("export") or {}
-    if backend in ("eager", "compile") and precision == "fp32":
-        dense = _fraction((acc.get("dense") or {}).get("test")) if isinstance(acc.get("dense"), dict) else None
-        pruned = _fraction((acc.get("finetuned") or {}).get("test")) if isinstance(acc.get("finetuned"), dict) else None
-    elif backend == "ort":
+    source = BACKENDS.get(backend).info.get("accuracy") if backend in BACKENDS else None  # see backends.py
+    if source == "pytorch":
+        if precision == "fp32":
+            dense = _fraction((acc.get("dense") or {}).get("test")) if isinstance(acc.get("dense"), dict) else None
+            pruned = (_fraction((acc.get("finetuned") or {}).get("test")) if isinstance(acc.get("finetuned"), dict)
+                      else None)
+    elif source == "onnx":
         if precision == "int8":
             entry = next((v for k, v in export.items() if "int8" in k and "onnx" in k), export.get("int8"))
         else:
@@ -51,8 +54,8 @@ def accuracy(result: dict, backend: str, precision: str) -> tuple[float | None, 
             if isinstance(entry, dict) and bool(entry.get("fp16")) != (precision == "fp16"):
                 entry = export.get(f"onnx-{precision}") or export.get(f"onnx_{precision}")
         pruned = _fraction(entry.get("accuracy")) if isinstance(entry, dict) else None
-    elif backend in ("aoti", "trt"):
-        entry = export.get(backend)
+    elif source:  # the export format of the same name holds it, at its precision
+        entry = export.get(source)
         if isinstance(entry, dict) and entry.get("precision", "fp32") == precision:
             pruned = _fraction(entry.get("accuracy"))
     return dense, pruned
@@ -134,7 +137,8 @@ def markdown(result: dict) -> str:
         b, f = p.get("build_seconds") or {}, p.get("first_call_ms") or {}
         show = lambda v, fmt: "—" if v is None else format(v, fmt)  # noqa: E731
         lines.append(f"| {p['backend']} | {p['precision']} | {p['batch']} | {show(b.get('dense'), '.1f')} / "
-                     f"{show(b.get('pruned'), '.1f')} | {show(f.get('dense'), '.1f')} / {show(f.get('pruned'), '.1f')} | "
+                     f"{show(b.get('pruned'), '.1f')} | "
+                     f"{show(f.get('dense'), '.1f')} / {show(f.get('pruned'), '.1f')} | "
                      f"{p.get('seconds', 0):.1f} | {p.get('rounds', '—')} |")
     lines.append("")
     lines.append("Build: the export or ahead-of-time compile, once per backend and precision (eager and "
@@ -178,7 +182,7 @@ def goals(result: dict, batch: int = 256, precision: str = "fp16", min_speedup: 
     return lines
 
 
-def plots(result: dict, out_dir: Path) -> list[Path]:
+def plots(result: dict, run_dir) -> list[Path]:
     """bench-speedup.png (measured vs MAC speedup) and bench-latency.png (latency vs batch)."""
     import matplotlib
 
@@ -189,14 +193,15 @@ def plots(result: dict, out_dir: Path) -> list[Path]:
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
     for b, prec in backends:
-        pts = sorted((s["batch"], s["speedup"]) for s in result["speedups"] if (s["backend"], s["precision"]) == (b, prec))
+        pts = sorted((s["batch"], s["speedup"]) for s in result["speedups"]
+                     if (s["backend"], s["precision"]) == (b, prec))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{b} {prec}")
     ax.axhline(result["mac_speedup"], color="k", linestyle="--", label=f"MAC ratio {result['mac_speedup']:.2f}x")
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set(xscale="log", xlabel="batch size", ylabel="speedup of pruned over dense",
            title=f"{result['model']}: measured vs MAC speedup\n{result['device']}")
     ax.legend(fontsize=8)
-    paths.append(_save(fig, out_dir / "bench-speedup.png"))
+    paths.append(_save(fig, run_dir.bench_speedup_png))
     fig, ax = plt.subplots(figsize=(6, 4))
     for b, prec in backends:
         for model, style in (("dense", "-"), ("pruned", "--")):
@@ -207,7 +212,7 @@ def plots(result: dict, out_dir: Path) -> list[Path]:
            title=f"{result['model']}: latency vs batch\n{result['device']}")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    paths.append(_save(fig, out_dir / "bench-latency.png"))
+    paths.append(_save(fig, run_dir.bench_latency_png))
     return paths
 
 

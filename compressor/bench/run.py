@@ -33,13 +33,14 @@ from .. import checkpoint, surgery
 from ..checks import number
 from ..errors import CompressorError
 from ..files import failpoint, write_json, write_text
-from ..pipeline import device_name, versions
+from ..provenance import device_name, versions
+from ..rundir import RunDir
 from ..train import pick_device
 from . import backends as B
 from . import report
 from .harness import PointTimeout, measure_pair
 
-JSONL = "bench.jsonl"
+JSONL = RunDir("").bench_jsonl.name  # bench.jsonl
 FORMAT = 2  # of bench.jsonl; a file of another format is refused on --resume
 
 MODELS = ("dense", "pruned")
@@ -78,6 +79,16 @@ def check_options(batch_sizes: str | list[int] | None = None, warmup: int = 10, 
     number("--total-seconds", total_seconds, low=0, low_open=True, optional=True)
     B.check_compile_mode(compile_mode)
     return parse_batch_sizes(batch_sizes)
+
+
+def _checkpoint(run_dir: RunDir, model: str) -> Path:
+    """The run's checkpoint of ``model`` (dense or pruned)."""
+    return {"dense": run_dir.dense, "pruned": run_dir.pruned}[model]
+
+
+def _artifacts(run_dir: RunDir) -> Path:
+    """Where the backends' builds (ONNX files, AOTI packages, engines) go."""
+    return run_dir.bench_artifacts
 
 
 def _sha256(path: Path) -> str:
@@ -207,21 +218,20 @@ def bench(run_dir: str | Path, backends: str | None = None, batch_sizes: str | l
     """
     sizes = check_options(batch_sizes, warmup, min_iters, min_seconds, rounds, compile_mode, point_seconds,
                           total_seconds)
-    run_dir = Path(run_dir)
-    for name in MODELS:
-        if not (run_dir / f"{name}.pt").is_file():
-            raise CompressorError(f"{run_dir} is not a finished run directory: {name}.pt is missing")
+    run_dir = RunDir(run_dir)
+    checkpoints = {name: _checkpoint(run_dir, name) for name in MODELS}
+    for name, path in checkpoints.items():
+        if not path.is_file():
+            raise CompressorError(f"{run_dir} is not a finished run directory: {path.name} is missing")
     dev = pick_device(device)
     precisions = B.check_precision(precision, dev)
-    names = B.parse_backends(backends, dev)
-    if "int8" in precisions and not any(B.applies(b, "int8") for b in names):
-        raise CompressorError(f"int8 is benchmarked on {', '.join(B.INT8_BACKENDS)} only; add it to --backends")
+    names = B.parse_backends(backends, dev, precisions)  # int8 needs a backend that runs it
     invocation_started = clock()
     settings = {"device": device_name(dev), "warmup": warmup, "min_iters": min_iters, "min_seconds": min_seconds,
                 "rounds": rounds, "compile_mode": compile_mode,
-                "checkpoints": {name: _sha256(run_dir / f"{name}.pt") for name in MODELS}}
-    journal = Journal(run_dir / JSONL, settings, resume, overwrite, argv)
-    loaded = {name: checkpoint.load(run_dir / f"{name}.pt", with_spec=True) for name in MODELS}
+                "checkpoints": {name: _sha256(path) for name, path in checkpoints.items()}}
+    journal = Journal(run_dir.bench_jsonl, settings, resume, overwrite, argv)
+    loaded = {name: checkpoint.load(path, with_spec=True) for name, path in checkpoints.items()}
     spec = loaded["dense"][1]
     example = spec.example_inputs()
     costs = {name: surgery.count(model, example) for name, (model, _) in loaded.items()}
@@ -257,8 +267,8 @@ def bench(run_dir: str | Path, backends: str | None = None, batch_sizes: str | l
                     limit = cap()
                     try:
                         with _alarm(limit):
-                            built[name] = B.prepare(backend, model, example, dev, prec, run_dir / "bench-artifacts",
-                                                    name, max(sizes), compile_mode, checkpoint=run_dir / f"{name}.pt")
+                            built[name] = B.prepare(backend, model, example, dev, prec, _artifacts(run_dir),
+                                                    name, max(sizes), compile_mode, checkpoint=checkpoints[name])
                         build_s[name] = clock() - started
                     except Exception as exc:  # noqa: BLE001 - one backend's failure must not lose the others
                         failure = (("timed_out", f"building {name} took over {limit:.0f} s", clock() - started)
@@ -281,13 +291,13 @@ def bench(run_dir: str | Path, backends: str | None = None, batch_sizes: str | l
                         if point is None:  # the total budget ran out inside it
                             left_undone += 1
                             continue
-                    point |= {"macs": {n: costs[n].macs for n in MODELS}, "params": {n: costs[n].params for n in MODELS}}
+                    point |= {"macs": {n: costs[n].macs for n in MODELS},
+                              "params": {n: costs[n].params for n in MODELS}}
                     journal.append(point)
                     _progress(point, sum(k in journal.points for k in plan), len(plan))
                     failpoint("bench-point")  # tests: a kill right after a point has landed
                 del built
-                if backend == "compile":
-                    torch._dynamo.reset()
+                B.release(backend)  # torch.compile's graphs
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
     finally:
@@ -299,8 +309,8 @@ def bench(run_dir: str | Path, backends: str | None = None, batch_sizes: str | l
     points = list({_key(p): p for p in points}.values())  # a point tried again replaces its failure
     result = _result(run_dir, header, points, spec, costs, dev, argv, settings, point_seconds)
     result["complete"] = left_undone == 0
-    write_json(run_dir / "bench.json", result)
-    write_text(run_dir / "bench.md", report.markdown(result))
+    write_json(run_dir.bench_json, result)
+    write_text(run_dir.bench_md, report.markdown(result))
     report.plots(result, run_dir)
     print(report.markdown(result))
     return result
@@ -317,7 +327,7 @@ def _time_point(key, built, build_s, spec, dev, warmup, rounds, min_iters, min_s
                                 for n, p in built.items()}}
     try:
         x = torch.randn(batch, *spec.input_shape, device=dev, dtype=built["dense"].input_dtype)
-        if dev.type == "cuda" and backend in ("eager", "compile"):
+        if dev.type == "cuda" and B.BACKENDS.get(backend).info.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
         with _alarm(limit + min(10.0, 0.2 * limit)):  # the loop stops itself at the limit; this catches a hang
             timed = measure_pair({n: p.fn for n, p in built.items()}, x, dev, warmup=warmup, rounds=rounds,
@@ -361,11 +371,10 @@ def _progress(point: dict, done: int, total: int) -> None:
           f"{'; TIMED OUT' if point['status'] == 'timed_out' else ''}", flush=True)
 
 
-def _accuracy_sources(run_dir: Path) -> dict:
+def _accuracy_sources(run_dir: RunDir) -> dict:
     """metrics.json's accuracy and export.json's per-format entries, read defensively."""
     found: dict = {}
-    for name, key in (("metrics", "metrics.json"), ("export", "export/export.json")):
-        path = run_dir / key
+    for name, path in (("metrics", run_dir.metrics), ("export", run_dir.export_json)):
         try:
             found[name] = json.loads(path.read_text()) if path.is_file() else {}
         except (OSError, json.JSONDecodeError):

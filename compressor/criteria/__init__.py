@@ -1,28 +1,81 @@
 """Criteria decide which channels go; each returns a :class:`~compressor.plan.PruningPlan`.
 
-A criterion is a plain function ``fn(request) -> PruningPlan`` registered by name. It
-may train the model on the way (later criteria do), but it never removes channels:
-``surgery.apply`` does that, for every criterion alike.
+A criterion is a plain function ``fn(request, config) -> PruningPlan`` registered by name
+with its typed settings: a :class:`CriterionConfig` dataclass whose fields carry their
+defaults, help, CLI flag and range checks (:func:`option`), next to the criterion. The CLI
+builds each criterion's option group from the registry and the pipeline passes the config
+object through without knowing its fields, so adding a criterion is one file (and its test).
+A criterion may train the model on the way (later criteria do), but it never removes
+channels: ``surgery.apply`` does that, for every criterion alike.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from ..budget import Budget
+from ..checks import choice, number
 from ..data import ImageData
 from ..errors import CompressorError
 from ..plan import PruningPlan
+from ..registry import Registry
 from ..resume import RunState, StageState
 from ..surgery import Graph, trace
 from ..train import TrainConfig
 
-_CRITERIA: dict[str, Callable[["PlanRequest"], PruningPlan]] = {}
-_FROM_SCRATCH: set[str] = set()  # criteria that train enough to start from random weights
+CRITERIA = Registry("method")
+
+
+def option(default: Any, help: str, *, flag: str, low=None, high=None, low_open: bool = False,
+           high_open: bool = False, integer: bool = False, optional: bool = False, choices: tuple | None = None,
+           cli: bool = True):
+    """A criterion setting: its default, help, CLI flag and range, declared once where the criterion lives.
+
+    Numbers are checked with :func:`compressor.checks.number` (so the API and the CLI refuse alike),
+    names against ``choices``; a setting with neither (a list of levels) checks itself in its class's
+    ``check``, which may accept the CLI's text. ``cli=False``: an API-only setting, no flag.
+    """
+    meta = {"help": help, "flag": flag, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+            "integer": integer, "optional": optional, "choices": choices, "cli": cli}
+    return field(default=default, metadata={"option": meta})
+
+
+@dataclass(frozen=True)
+class CriterionConfig:
+    """The settings of one criterion; every field is an :func:`option`. Checked when built."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            meta = f.metadata.get("option")
+            if meta is None:
+                continue
+            value = getattr(self, f.name)
+            if meta["choices"] is not None:
+                choice(meta["flag"], value, meta["choices"])
+            elif meta["integer"] or meta["low"] is not None or meta["high"] is not None:
+                number(meta["flag"], value, integer=meta["integer"], low=meta["low"], high=meta["high"],
+                       low_open=meta["low_open"], high_open=meta["high_open"], optional=meta["optional"])
+        self.check()
+
+    def check(self) -> None:
+        """Checks across fields, or beyond a range (a subclass's own)."""
+
+    @classmethod
+    def options(cls) -> list[dataclasses.Field]:
+        return [f for f in fields(cls) if f.metadata.get("option", {}).get("cli")]
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["option"]["cli"]}
+
+
+@dataclass(frozen=True)
+class NoOptions(CriterionConfig):
+    """A criterion without settings of its own (the baselines, Torch-Pruning's importances)."""
 
 
 @dataclass
@@ -38,7 +91,12 @@ class PlanRequest:
     data: ImageData | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     graph: Graph | None = None
-    options: dict = field(default_factory=dict)  # criterion-specific settings from the CLI
+    # how a criterion trains on its way (epochs and seed are set per stage by train_config): the run's batch
+    # size, label smoothing and compile, at the fine-tuning rate (the dense one when starting from scratch)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(0, lr=0.01, batch_size=128, schedule="cosine"))
+    from_scratch: bool = False  # no dense training before: the criterion trains from random weights
+    resume: bool = False  # continue a search saved by an interrupted run (smoea)
+    on_progress: Callable | None = None  # called by a search after each saved step (tests interrupt there)
     report: dict = field(default_factory=dict)  # what a criterion found, for metrics.json
     out_dir: Path | None = None  # where a criterion may write its own tables and plots
     state: RunState | None = None  # where training and search progress is kept, to resume a killed run
@@ -58,38 +116,60 @@ class PlanRequest:
         return self.graph
 
 
-def register(name: str, from_scratch: bool = False):
-    """Add a criterion; ``from_scratch`` if it trains enough to start from random weights."""
-    def wrap(fn):
-        _CRITERIA[name] = fn
-        if from_scratch:
-            _FROM_SCRATCH.add(name)
-        return fn
-
-    return wrap
+def register(name: str, config: type[CriterionConfig] = NoOptions, from_scratch: bool = False):
+    """Add a criterion ``fn(request, config)`` with its settings class; ``from_scratch`` if it trains enough to
+    start from random weights."""
+    return CRITERIA.register(name, config=config, from_scratch=from_scratch)
 
 
 def available() -> list[str]:
-    return sorted(_CRITERIA)
+    return CRITERIA.names()
 
 
 def from_scratch_methods() -> list[str]:
-    return sorted(_FROM_SCRATCH)
+    return [e.name for e in CRITERIA if e.info["from_scratch"]]
+
+
+def flag_dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def configs_from(given: dict[str, Any]) -> dict[str, CriterionConfig]:
+    """Every criterion's config from the option values given by destination name (``{"steps": 2}``); options a
+    criterion does not declare are not its business, and an option left out keeps that criterion's default."""
+    found = {}
+    for entry in CRITERIA:
+        cls = entry.info["config"]
+        found[entry.name] = cls(**{f.name: given[flag_dest(f.metadata["option"]["flag"])] for f in cls.options()
+                                   if flag_dest(f.metadata["option"]["flag"]) in given})
+    return found
+
+
+def declares(method: str, dest: str) -> bool:
+    return any(flag_dest(f.metadata["option"]["flag"]) == dest for f in config_class(method).options())
+
+
+def config_class(method: str) -> type[CriterionConfig]:
+    return CRITERIA.get(method).info["config"]
+
+
+def default_config(method: str) -> CriterionConfig:
+    return config_class(method)()
 
 
 def train_config(request: PlanRequest, epochs: int, seed: int, schedule: str = "cosine") -> TrainConfig:
-    """How a criterion trains on its way: the run's batch size and label smoothing, and the rate the
-    pipeline chose for it (the fine-tuning rate, or the dense one when starting from scratch)."""
-    o = request.options
-    return TrainConfig(epochs, lr=float(o.get("lr", 0.01)), batch_size=int(o.get("batch_size", 128)),
-                       schedule=schedule, label_smoothing=float(o.get("label_smoothing", 0.0)), seed=seed,
-                       compile=bool(o.get("compile", False)))
+    """How a criterion trains on its way: the request's training settings, for ``epochs`` from ``seed``."""
+    return dataclasses.replace(request.train, epochs=epochs, seed=seed, schedule=schedule)
 
 
-def make_plan(method: str, request: PlanRequest) -> PruningPlan:
-    if method not in _CRITERIA:
-        raise CompressorError(f"unknown method {method!r}; available: {', '.join(available())}")
-    return _CRITERIA[method](request)
+def make_plan(method: str, request: PlanRequest, config: CriterionConfig | None = None) -> PruningPlan:
+    """``method``'s plan for ``request``, with ``config`` (default: the method's defaults), e.g.
+    ``make_plan("psap", request, PSAPConfig(threshold=0.4))``."""
+    entry = CRITERIA.get(method)
+    config = entry.info["config"]() if config is None else config
+    if not isinstance(config, entry.info["config"]):
+        raise CompressorError(f"{method} takes a {entry.info['config'].__name__}, not a {type(config).__name__}")
+    return entry.target(request, config)
 
 
 from . import baselines, ffr, peers, psap, sensitivity, smoea  # noqa: E402,F401  (fill the registry)

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 
 from ..budget import solve_widths
-from ..masking import carriers
 from ..plan import PruningPlan
 from ..surgery import PRUNABLE_TYPES, Graph
 from . import PlanRequest, register
+from .masking import carriers
 
 
 def filter_l1(graph: Graph, groups=None) -> dict[str, torch.Tensor]:
@@ -27,14 +27,14 @@ def filter_l1(graph: Graph, groups=None) -> dict[str, torch.Tensor]:
 
 
 @register("l1")
-def l1(request: PlanRequest) -> PruningPlan:
+def l1(request: PlanRequest, _config=None) -> PruningPlan:
     graph = request.traced()
     widths = solve_widths(graph, request.budget, None, request.round_to, request.max_ratio).widths
     return PruningPlan.from_scores(filter_l1(graph), widths, graph)  # graph: legal sets (grouped convs)
 
 
 @register("random")
-def random(request: PlanRequest) -> PruningPlan:
+def random(request: PlanRequest, _config=None) -> PruningPlan:
     graph = request.traced()
     widths = solve_widths(graph, request.budget, None, request.round_to, request.max_ratio).widths
     g = torch.Generator().manual_seed(request.seed)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -45,11 +46,11 @@ import torch.nn.functional as F
 
 from ..budget import global_widths, solve_widths
 from ..errors import CompressorError
-from ..masking import carriers, channel_dim
 from ..plan import PruningPlan
 from ..surgery import PRUNABLE_TYPES, Graph
 from ..train import TrainHooks, evaluate, fit
-from . import PlanRequest, register, train_config
+from . import CriterionConfig, PlanRequest, option, register, train_config
+from .masking import carriers, channel_dim
 
 _BN = nn.modules.batchnorm._BatchNorm
 NEAR_ZERO = 1e-2  # of the layer's largest score: the issue's measure of structured sparsity
@@ -262,25 +263,35 @@ def near_zero_share(scores: dict[str, torch.Tensor], relative: float = NEAR_ZERO
     return shares
 
 
-@register("ffr", from_scratch=True)
-def ffr(request: PlanRequest) -> PruningPlan:
+@dataclass(frozen=True)
+class FFRConfig(CriterionConfig):
+    """Feature flow regularization: train with a penalty on the flow's length and curvature, prune by BN scale."""
+
+    length: float = option(0.01, "weight of the flow's length term", flag="--ffr-length", low=0)
+    curvature: float = option(0.01, "weight of the curvature term", flag="--ffr-curvature", low=0)
+    warmup: float = option(1.0, "epochs over which the penalty ramps up", flag="--ffr-warmup", low=0)
+    epochs: int = option(5, "epochs of regularised training", flag="--ffr-epochs", integer=True, low=0)
+    score: str = option("bn", "rank filters by BN scale or L2 norm", flag="--ffr-score", choices=("bn", "norm"))
+    floor: float = option(FLOOR, "no group ends narrower than this share of the width uniform pruning would give "
+                          "it (0: no floor)", flag="--ffr-floor", low=0, high=1)
+    compile: str = option("auto", "torch.compile the penalty (auto: on a GPU only; on a CPU it needs a C++ "
+                          "compiler)", flag="--ffr-compile", choices=("auto", "on", "off"))
+
+
+@register("ffr", config=FFRConfig, from_scratch=True)
+def ffr(request: PlanRequest, config: FFRConfig) -> PruningPlan:
     if request.data is None:
         raise CompressorError("the ffr criterion trains with its penalty and needs data")
-    opts = request.options
-    epochs = int(opts.get("ffr_epochs", 5))
-    length_w, curvature_w = float(opts.get("ffr_length", 0.01)), float(opts.get("ffr_curvature", 0.01))
-    warmup, score = float(opts.get("ffr_warmup", 1.0)), opts.get("ffr_score", "bn")
-    floor = float(opts.get("ffr_floor", FLOOR))
-    if epochs < 0 or length_w < 0 or curvature_w < 0 or warmup < 0:
-        raise CompressorError("--ffr-epochs, --ffr-length, --ffr-curvature and --ffr-warmup must not be negative")
-    compiled = compile_penalty(opts.get("ffr_compile", "auto"), request.model)
+    epochs, length_w, curvature_w = config.epochs, config.length, config.curvature
+    warmup, score, floor = config.warmup, config.score, config.floor
+    compiled = compile_penalty(config.compile, request.model)
     graph = request.traced()
     history = []
     if epochs:
-        config = train_config(request, epochs, request.seed,
-                              schedule=opts.get("schedule", "onecycle") if opts.get("from_scratch") else "cosine")
+        training = train_config(request, epochs, request.seed,
+                                schedule=request.train.schedule if request.from_scratch else "cosine")
         with regularised(request.model, length_w, curvature_w, warmup / epochs, compiled) as hooks:
-            history = fit(request.model, request.data, config, request.device, desc="ffr", hooks=hooks,
+            history = fit(request.model, request.data, training, request.device, desc="ffr", hooks=hooks,
                           state=request.stage("ffr"))
     scores = channel_scores(graph, score)
     floors = floor_widths(graph, request.budget, request.round_to, request.max_ratio, floor)

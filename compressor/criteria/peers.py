@@ -65,7 +65,7 @@ def _accumulate_gradients(request: PlanRequest) -> None:
 
 
 def _peer(importance: Callable[[], tp.importance.Importance], use_global: bool, gradients: bool = False):
-    def method(request: PlanRequest) -> PruningPlan:
+    def method(request: PlanRequest, _config=None) -> PruningPlan:
         graph = request.traced()
         if gradients:
             _accumulate_gradients(request)

@@ -9,7 +9,7 @@ default threshold 0.5 marks about 31% of a Gaussian layer). Each group's pruning
 proportional to its sparsity, scaled by the shared solver to the step's budget and capped
 by ``--max-ratio``. Inside a group, filters go by L1 norm.
 
-Masks, not surgery, during the loop (see ``compressor.masking``): masked filters are
+Masks, not surgery, during the loop (see ``compressor.criteria.masking``): masked filters are
 zeroed and held at zero through every optimizer step, and their gradients are still
 computed. The watched gradient of a channel is the mean |dL/dx| of its activation where
 the next layers read it, over the step's training (see ``GradientWatch``: a masked
@@ -33,6 +33,8 @@ the masked model.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..budget import Budget, solve_widths
@@ -40,12 +42,24 @@ from ..errors import CompressorError
 from ..plan import PruningPlan
 from ..surgery import PRUNABLE_TYPES, Graph
 from ..train import fit
-from .. import masking
-from . import PlanRequest, register, train_config
+from . import CriterionConfig, PlanRequest, masking, option, register, train_config
 from .baselines import filter_l1
 
 THRESHOLD = 0.5
 PROTECT_Z = 2.0
+
+
+@dataclass(frozen=True)
+class PSAPConfig(CriterionConfig):
+    """Protective self-adaptive pruning: ratios from each layer's sparsity, masked channels restored by gradient."""
+
+    threshold: float = option(THRESHOLD, "a weight counts as sparse below this x its layer's mean |w|",
+                              flag="--psap-threshold", low=0, high=1, low_open=True, high_open=True)
+    protect_z: float = option(PROTECT_Z, "restore a masked filter whose gradient exceeds the kept ones' mean + z std",
+                              flag="--protect-z", low=0)
+    steps: int = option(3, "prune / train steps", flag="--steps", integer=True, low=1)
+    step_epochs: int = option(1, "training epochs in each step (at least 1 for psap)", flag="--step-epochs",
+                              integer=True, low=0)
 
 
 def sparsity(graph: Graph, masks: dict[str, torch.Tensor], threshold: float = THRESHOLD) -> dict[str, float]:
@@ -128,6 +142,23 @@ class GradientWatch:
             h.remove()
 
 
+def masked_z(masks: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> dict:
+    """How far masked channels' watched gradients stand above their group's kept ones, in kept-channel standard
+    deviations: the quantity ``--protect-z`` cuts. Quantiles over every masked channel, and how many pass
+    z = 0.5, 1 and 2, so a run shows whether protection could have fired at all."""
+    zs = []
+    for name, keep in masks.items():
+        g = grads[name].float()
+        if (~keep).any() and int(keep.sum()) > 1:
+            zs.append((g[~keep] - g[keep].mean()) / g[keep].std().clamp_min(1e-12))
+    if not zs:
+        return {"masked": 0}
+    z = torch.cat(zs)
+    q = torch.quantile(z, torch.tensor([0.5, 0.9, 0.99]))
+    return {"masked": len(z), "median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "max": float(z.max()),
+            "above": {str(t): int((z > t).sum()) for t in (0.5, 1.0, 2.0)}}
+
+
 def protect(masks: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], importance: dict[str, torch.Tensor],
             z: float = PROTECT_Z, graph: Graph | None = None
             ) -> tuple[dict[str, torch.Tensor], dict[str, list[tuple[int, int]]]]:
@@ -178,18 +209,13 @@ class _Saved:
         masking.zero_masked(self.graph, new)
 
 
-@register("psap", from_scratch=True)
-def psap(request: PlanRequest) -> PruningPlan:
+@register("psap", config=PSAPConfig, from_scratch=True)
+def psap(request: PlanRequest, config: PSAPConfig) -> PruningPlan:
     if request.data is None:
         raise CompressorError("the psap criterion trains between its steps and needs data")
-    opts = request.options
-    steps = 3 if opts.get("steps") is None else int(opts["steps"])
-    step_epochs = 1 if opts.get("step_epochs") is None else int(opts["step_epochs"])
-    threshold, z = float(opts.get("psap_threshold", THRESHOLD)), float(opts.get("protect_z", PROTECT_Z))
-    if steps < 1 or step_epochs < 1:
+    steps, step_epochs, threshold, z = config.steps, config.step_epochs, config.threshold, config.protect_z
+    if step_epochs < 1:
         raise CompressorError(f"psap needs --steps >= 1 and --step-epochs >= 1, got {steps} and {step_epochs}")
-    if not 0 < threshold < 1:
-        raise CompressorError(f"--psap-threshold must lie in (0, 1), got {threshold}")
     graph, model, budget = request.traced(), request.model, request.budget
     masks, saved, watch = masking.full_masks(graph), _Saved(graph), None
     records = []
@@ -197,6 +223,7 @@ def psap(request: PlanRequest) -> PruningPlan:
         record, restored, grads = {"step": step}, {}, None
         if watch is not None:  # protective reconstruction, from the last step's gradients
             grads = watch.mean()
+            record["masked_z"] = masked_z(masks, grads)
             protected, swaps = protect(masks, grads, filter_l1(graph), z, graph)
             saved.change(masks, protected)
             masks = protected
@@ -257,12 +284,5 @@ def _top(scores: dict[str, torch.Tensor], widths: dict[str, int],
          graph: Graph | None = None) -> dict[str, torch.Tensor]:
     """Masks keeping the ``widths[g]`` highest-scoring channels of each group, as the group chooses them
     (``Group.choose``: its layout constraints, e.g. grouped convolutions, hold)."""
-    masks = {}
-    for name, width in widths.items():
-        mask = torch.zeros(scores[name].numel(), dtype=torch.bool)
-        if graph is not None:
-            mask[graph.group(name).choose(scores[name].float(), width)] = True
-        else:
-            mask[torch.topk(scores[name].float(), width).indices] = True
-        masks[name] = mask
-    return masks
+    return {name: masking.keep_mask(scores[name].float(), width, graph.group(name) if graph is not None else None)
+            for name, width in widths.items()}

@@ -22,28 +22,61 @@ fine-tuning informs the selection; the pipeline's fine-tuning trains the result)
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from .. import distributed
 from ..budget import Budget, solve_widths
+from ..checks import number
 from ..data import ImageData
 from ..data import batches as data_batches
 from ..errors import CompressorError
-from ..masking import carriers
 from ..plan import PruningPlan
 from ..surgery import Graph, apply, count, trace
 from ..train import accuracy, fit
-from . import PlanRequest, register, train_config
+from . import CriterionConfig, PlanRequest, option, register, train_config
 from .baselines import filter_l1
+from .masking import carriers
 
 LEVELS = (0.25, 0.5, 0.75)
 MODES = ("zero", "noise")
 ROBUST_SCALE = 0.01
 
 
-def _damage(graph: Graph, group, level: float, mode: str, generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def parse_levels(text: str) -> tuple[float, ...]:
+    """``"0.25,0.5"`` -> (0.25, 0.5), or one clear error."""
+    try:
+        return tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise CompressorError(f"--levels takes numbers separated by commas, not {text!r}") from None
+
+
+@dataclass(frozen=True)
+class SensitivityConfig(CriterionConfig):
+    """Layer sensitiveness by damage: how much each group's damage costs in validation accuracy."""
+
+    levels: tuple = option(LEVELS, "damage levels (share of filters zeroed, or noise scale), e.g. 0.25,0.5",
+                           flag="--levels")
+    damage: str = option("zero", "zero lowest-L1 filters, or add noise", flag="--damage", choices=MODES)
+    steps: int = option(1, "prune / analyse steps (each analyses the model pruned so far)", flag="--steps",
+                        integer=True, low=1)
+    step_epochs: int = option(1, "training epochs between steps", flag="--step-epochs", integer=True, low=0)
+
+    def check(self):
+        levels = parse_levels(self.levels) if isinstance(self.levels, str) else self.levels
+        if not isinstance(levels, (tuple, list)):
+            raise CompressorError(f"--levels takes numbers separated by commas, not {levels!r}")
+        if not levels:
+            raise CompressorError("--levels needs at least one damage level in (0, 1)")
+        for level in levels:
+            number("--levels", level, low=0, high=1, low_open=True, high_open=True)
+        object.__setattr__(self, "levels", tuple(float(v) for v in levels))
+
+
+def _damage(graph: Graph, group, level: float, mode: str,
+            generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Damage ``group`` in place; returns (tensor, saved copy) pairs to restore it."""
     saved = []
     if mode == "zero":
@@ -114,17 +147,11 @@ def _plan(graph, analysis, budget, request) -> PruningPlan:
     return PruningPlan.from_scores(filter_l1(graph), widths, graph)  # graph: legal sets (grouped convs)
 
 
-@register("sensitivity")
-def sensitivity(request: PlanRequest) -> PruningPlan:
+@register("sensitivity", config=SensitivityConfig)
+def sensitivity(request: PlanRequest, config: SensitivityConfig) -> PruningPlan:
     if request.data is None:
         raise CompressorError("the sensitivity criterion needs data (a validation split)")
-    opts = request.options
-    levels = tuple(opts.get("levels", LEVELS))
-    mode = opts.get("mode", "zero")
-    steps = 1 if opts.get("steps") is None else int(opts["steps"])
-    step_epochs = 1 if opts.get("step_epochs") is None else int(opts["step_epochs"])
-    if steps < 1:
-        raise CompressorError(f"--steps must be at least 1, got {steps}")
+    levels, mode, steps, step_epochs = config.levels, config.damage, config.steps, config.step_epochs
     graph = request.traced()
     if steps == 1:
         analysis = analyze(request.model, graph, request.data, request.device, levels, mode, seed=request.seed)
@@ -156,6 +183,33 @@ def sensitivity(request: PlanRequest) -> PruningPlan:
     return PruningPlan({g: idx for g, idx in origin.items()})
 
 
+def analyze_source(source, config: SensitivityConfig | None = None, data_dir=None, device="auto",
+                   val_fraction: float = 0.1, seed: int = 0, out=None) -> tuple[dict, list]:
+    """``compress analyze``: the sensitivity table and plot of a trained model (a run directory's dense.pt, or
+    a checkpoint), on the validation split that ``val_fraction`` and ``seed`` cut (the run's own, to stay off
+    its training images). Returns the analysis and the files written (next to the source, or in ``out``)."""
+    from pathlib import Path
+
+    from .. import checkpoint, surgery
+    from .. import data as datasets
+    from ..rundir import RunDir
+    from ..train import pick_device
+
+    config = config or SensitivityConfig()
+    number("--val-fraction", val_fraction, low=0, high=1, high_open=True)
+    number("--seed", seed, integer=True, low=0, high=2**32 - 1)
+    source = Path(source)
+    ckpt = RunDir(source).dense if source.is_dir() else source
+    model, spec = checkpoint.load(ckpt, with_spec=True)
+    data = datasets.load(spec.dataset, data_dir, val_fraction, seed)
+    device = pick_device(device)
+    model.to(device)
+    graph = surgery.trace(model, data.example_inputs(device=device))
+    analysis = analyze(model, graph, data, device, config.levels, config.damage, seed=seed)
+    folder = Path(out) if out else (source if source.is_dir() else ckpt.parent)
+    return analysis, write_analysis(analysis, folder)
+
+
 def write_analysis(analysis: dict, out_dir) -> list:
     """sensitivity.json, sensitivity.csv and sensitivity.png (accuracy vs damage, one curve per group)."""
     import csv
@@ -178,7 +232,8 @@ def write_analysis(analysis: dict, out_dir) -> list:
     write_text(out_dir / "sensitivity.csv", buf.getvalue())
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in analysis["sensitiveness"]:
-        pts = [(0.0, analysis["base_accuracy"])] + [(r["level"], r["accuracy"]) for r in analysis["rows"] if r["group"] == name]
+        pts = [(0.0, analysis["base_accuracy"])] + [(r["level"], r["accuracy"]) for r in analysis["rows"]
+                                                    if r["group"] == name]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.set(xlabel=f"damage level ({analysis['mode']})", ylabel="validation accuracy",
            title="Sensitivity: accuracy vs damage, one group at a time")

@@ -5,7 +5,7 @@ Blocks: the prunable groups, in model order, cut into runs of ``--group-size``
 consecutive groups; blocks are searched one at a time, the one whose layers hold the most
 parameters first.
 
-For a block, NSGA-II (``compressor.nsga``) searches binary keep-masks over all its
+For a block, NSGA-II (``compressor.criteria.nsga``) searches binary keep-masks over all its
 filters: uniform or two-point crossover, bit-flip mutation (default rate 1 / filters),
 binary tournaments on rank and crowding. The initial population comes from L1 rankings:
 member i keeps the top share f_i of every group's filters by L1 norm, f_i spread evenly
@@ -24,7 +24,7 @@ does not worsen the objective on the search images (unused share passes to later
 except in the last block when it would otherwise miss the budget. ``--round-to`` does
 not apply: widths are whatever the search keeps.
 
-Evaluation is the hot path (``compressor.subnet``): the activations at the block's input are
+Evaluation is the hot path (``compressor.criteria.subnet``): the activations at the block's input are
 computed once per validation batch, and each candidate runs only the rest of the network,
 with masks as channel multipliers. After each block the chosen filters are masked
 (zeroed, and held at zero while training) and the model is fine-tuned for
@@ -41,23 +41,24 @@ allocation; the search itself may prune a group further. Fronts go to
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .. import distributed, masking, nsga
+from .. import distributed
 from ..budget import CostModel, solve_widths
 from ..data import batches as data_batches
 from ..data import val_subset
 from ..errors import BudgetError, CompressorError
 from ..files import atomic_path, failpoint, write_json
 from ..plan import PruningPlan
-from ..subnet import Split
 from ..surgery import Graph
 from ..train import autocast, fit
-from . import PlanRequest, register, train_config
+from . import CriterionConfig, PlanRequest, masking, nsga, option, register, train_config
 from .baselines import filter_l1
+from .subnet import Split
 
 STATE, WEIGHTS = "smoea-state.pt", "smoea-weights-{block}.pt"
 
@@ -136,14 +137,11 @@ def _seed_population(scores: list[torch.Tensor], size: int, lowest: float, group
         share = 1.0 - (1.0 - lowest) * i / max(size - 1, 1)
         parts = []
         for j, s in enumerate(scores):
-            keep = torch.zeros(s.numel(), dtype=torch.bool)
             width = max(1, round(share * s.numel()))
-            if groups is not None:
-                legal = groups[j].legal_widths() if hasattr(groups[j], "legal_widths") else [width]
-                keep[groups[j].choose(s, min(legal, key=lambda w: (abs(w - width), w)))] = True
-            else:
-                keep[torch.topk(s, width).indices] = True
-            parts.append(keep)
+            group = groups[j] if groups is not None else None
+            if group is not None and hasattr(group, "legal_widths"):
+                width = min(group.legal_widths(), key=lambda w: (abs(w - width), w))
+            parts.append(masking.keep_mask(s, width, group))
         population.append(torch.cat(parts))
     return population
 
@@ -260,31 +258,46 @@ def _load_state(folder: Path) -> tuple[dict, dict]:
         raise CompressorError(f"cannot read the smoea state in {folder}: {e}") from None
 
 
-@register("smoea")
-def smoea(request: PlanRequest) -> PruningPlan:
+@dataclass(frozen=True)
+class SMOEAConfig(CriterionConfig):
+    """Sub-network multi-objective evolutionary search: NSGA-II over keep-masks, block by block."""
+
+    group_size: int = option(1, "consecutive prunable layers searched together", flag="--group-size", integer=True,
+                             low=1)
+    population: int = option(32, "candidates per generation", flag="--population", integer=True, low=4)
+    generations: int = option(30, "generations per block", flag="--generations", integer=True, low=0)
+    crossover: str = option("uniform", "crossover of two masks", flag="--crossover", choices=("uniform", "two-point"))
+    mutation: float | None = option(None, "bit-flip probability (default 1 / filters in the group)", flag="--mutation",
+                                    low=0, high=1, optional=True)
+    objective: str = option("accuracy", "what the search maximises", flag="--objective", choices=("accuracy", "loss"))
+    search_samples: int = option(2048, "validation images that score a candidate", flag="--search-samples",
+                                 integer=True, low=1)
+    step_epochs: int = option(1, "training epochs between blocks", flag="--step-epochs", integer=True, low=0)
+
+
+@register("smoea", config=SMOEAConfig)
+def smoea(request: PlanRequest, config: SMOEAConfig) -> PruningPlan:
     if request.data is None or len(request.data.val_y) == 0:
         raise CompressorError("the smoea criterion scores candidates on a validation split (--val-fraction > 0)")
-    opts = request.options
-    population, generations = int(opts.get("population", 32)), int(opts.get("generations", 30))
-    group_size, samples = int(opts.get("group_size", 1)), int(opts.get("search_samples", 2048))
-    objective, kind = opts.get("objective", "accuracy"), opts.get("crossover", "uniform")
-    if population < 4 or generations < 0 or group_size < 1 or samples < 1:
-        raise CompressorError("smoea needs --population >= 4, --generations >= 0, --group-size >= 1, --search-samples >= 1")
+    population, generations = config.population, config.generations
+    group_size, samples = config.group_size, config.search_samples
+    objective, kind = config.objective, config.crossover
     graph, model, budget, device = request.traced(), request.model, request.budget, request.device
     out = Path(request.out_dir) if request.out_dir is not None else None
     folder = request.state_dir()
-    step_epochs = 1 if opts.get("step_epochs") is None else int(opts["step_epochs"])
+    step_epochs = config.step_epochs
     settings = {"population": population, "generations": generations, "group_size": group_size, "seed": request.seed,
-                "samples": samples, "objective": objective, "crossover": kind, "budget": [budget.metric, budget.fraction],
-                "mutation": opts.get("mutation"), "max_ratio": request.max_ratio,
+                "samples": samples, "objective": objective, "crossover": kind,
+                "budget": [budget.metric, budget.fraction],
+                "mutation": config.mutation, "max_ratio": request.max_ratio,
                 "train": train_config(request, step_epochs, request.seed).as_dict()}
     cost = CostModel(graph)
     reference = solve_widths(graph, budget, None, 1, request.max_ratio).widths
     blocks = blocks_by_size(graph, group_size)
     masks = masking.full_masks(graph)
     saved = {"block": 0, "masks": masks, "fronts": [], "search": None, "settings": settings}
-    resuming = opts.get("resume") and folder is not None and (folder / STATE).is_file()
-    if opts.get("resume") and not resuming:
+    resuming = request.resume and folder is not None and (folder / STATE).is_file()
+    if request.resume and not resuming:
         print(f"smoea: no saved search state in {folder}; searching from the first block")
     if resuming:
         saved, weights = _load_state(folder)
@@ -314,14 +327,15 @@ def smoea(request: PlanRequest) -> PruningPlan:
         state = nsga.SearchState.from_dict(saved["search"]) if saved["search"] is not None else None
 
         def on_generation(s, b=b):
-            _save_state(folder, {"block": b, "masks": masks, "fronts": fronts, "search": s.to_dict(), "settings": settings})
-            if opts.get("on_generation") is not None:  # tests interrupt here
-                opts["on_generation"](b, s)
+            _save_state(folder, {"block": b, "masks": masks, "fronts": fronts, "search": s.to_dict(),
+                                 "settings": settings})
+            if request.on_progress is not None:  # tests interrupt here
+                request.on_progress(b, s)
 
         started = time.perf_counter()
         seeds = _seed_population([l1[n] for n in block], population, lowest, [graph.group(n) for n in block])
         result = nsga.search(evaluator, seeds, generations, g,
-                             kind, opts.get("mutation"), repair, state=state,
+                             kind, config.mutation, repair, state=state,
                              reference=(0.0, 1.0001) if objective == "accuracy" else None,
                              on_generation=on_generation)
         saved["search"] = None
@@ -352,7 +366,8 @@ def smoea(request: PlanRequest) -> PruningPlan:
         del evaluator
         if b < len(blocks) - 1 and step_epochs > 0:
             fit(model, request.data, train_config(request, step_epochs, request.seed + b), device,
-                desc=f"smoea block {b + 1}", hooks=masking.hooks(graph, masks), state=request.stage(f"smoea-block{b + 1}"))
+                desc=f"smoea block {b + 1}", hooks=masking.hooks(graph, masks),
+                state=request.stage(f"smoea-block{b + 1}"))
         _save_state(folder, {"block": b + 1, "masks": masks, "fronts": fronts, "search": None, "settings": settings},
                     model)
     kept = cost.fractions(masking.widths(masks))[budget.metric]

@@ -4,22 +4,62 @@ QDQ), TensorRT engines, AOTInductor packages.
 Every backend builds an artifact from a model, loads it back as a callable on torch
 tensors, and is checked against PyTorch on real inputs with :func:`verify`. Backends are
 imported lazily, so a missing optional runtime only matters when it is asked for.
+
+Each format ``compress export`` knows is one entry of :data:`FORMATS`, registered beside the
+step that builds it (:mod:`compressor.export.formats`); :func:`compressor.export.run.export`,
+:func:`parse_formats` and the CLI's help read names and settings from there. An entry's
+``info``: ``help`` (one line), ``order`` (build order: a format is built after those it is made
+from), ``needs`` (the formats it is built from: a tuple, or a function of the export options
+returning one), ``check`` (a function of the options that refuses a bad combination before any
+work), ``tensorrt`` (True: needs TensorRT and a CUDA GPU, checked before any work) and
+``triton`` (the Triton backend kind for ``--triton-repo``, "onnx" or "trt"; absent: none).
+The step itself is called with a :class:`compressor.export.run.Job`.
 """
 from __future__ import annotations
 
 import torch
 
 from ..errors import CompressorError
+from ..registry import Registry
 
-FORMATS = ("onnx", "onnx-int8", "trt", "aoti")
+FORMATS = Registry("export format")
 
 
 def parse_formats(text: str | None) -> list[str]:
     names = [f.strip() for f in (text or "").split(",") if f.strip()]
     unknown = [f for f in names if f not in FORMATS]
     if unknown:
-        raise CompressorError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+        raise CompressorError(f"unknown export format(s) {', '.join(unknown)}; "
+                              f"choose from {', '.join(FORMATS.names())}")
     return names
+
+
+def build_order(names: list[str], options) -> list[str]:
+    """``names`` and every format they are built from (``info["needs"]``), in build order (``info["order"]``)."""
+    wanted: list[str] = []
+    pending = list(names)
+    while pending:
+        name = pending.pop(0)
+        if name in wanted:
+            continue
+        wanted.append(name)
+        needs = FORMATS.get(name).info.get("needs", ())
+        pending += list(needs(options) if callable(needs) else needs)
+    return sorted(wanted, key=lambda n: (FORMATS.get(n).info.get("order", 1000), n))
+
+
+def require(names: list[str], options=None) -> None:
+    """Stop before any work when a format cannot be built here: TensorRT or a GPU missing for a
+    format that needs them (``info["tensorrt"]``), then each format's own ``info["check"]``
+    of ``options`` (when given)."""
+    for name in names:
+        info = FORMATS.get(name).info
+        if info.get("tensorrt"):
+            from . import tensorrt
+
+            tensorrt.require()
+        if options is not None and info.get("check"):
+            info["check"](options)
 
 
 @torch.no_grad()
@@ -31,7 +71,8 @@ def verify(reference: torch.Tensor, candidate: torch.Tensor, min_agreement: floa
     """
     reference, candidate = reference.float().cpu(), candidate.float().cpu()
     if reference.shape != candidate.shape:
-        raise CompressorError(f"{what}: output shape {tuple(candidate.shape)} differs from PyTorch's {tuple(reference.shape)}")
+        raise CompressorError(f"{what}: output shape {tuple(candidate.shape)} "
+                              f"differs from PyTorch's {tuple(reference.shape)}")
     result = {
         "max_abs_diff": float((reference - candidate).abs().max()),
         "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).float().mean()),
@@ -45,3 +86,6 @@ def verify(reference: torch.Tensor, candidate: torch.Tensor, min_agreement: floa
             f"(tolerance {1 - min_agreement:.1%}); the artifact is not trustworthy"
         )
     return result
+
+
+from . import formats  # noqa: E402,F401  (last on purpose: registers the built-in formats in FORMATS)

@@ -77,7 +77,8 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tens
         raise
     except Exception as exc:  # noqa: BLE001 - compiler failures are many; report one line
         sidecar_path(path).unlink(missing_ok=True)
-        raise CompressorError(f"AOTInductor could not compile the model for {device}: {type(exc).__name__}: {exc}") from exc
+        raise CompressorError(f"AOTInductor could not compile the model for {device}: "
+                              f"{type(exc).__name__}: {exc}") from exc
     return path
 
 

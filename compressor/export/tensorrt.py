@@ -28,15 +28,25 @@ INSTALL_HINT = ("on a Linux or Windows machine with an NVIDIA GPU and its driver
 
 
 def status() -> tuple[bool, str]:
-    """(True, TensorRT version) when TensorRT imports and torch sees a CUDA GPU; else (False, why not)."""
+    """(True, TensorRT version) when TensorRT imports and torch sees a CUDA GPU; else (False, why not).
+
+    The one place that detects TensorRT: :func:`available`, :func:`require` and every caller
+    (export, bench, the CLI, the runtime loader) ask here.
+    """
     try:
         import tensorrt as trt
     except Exception as exc:  # ImportError, or OSError when its CUDA libraries are missing
         return False, f"TensorRT is not installed or does not load ({type(exc).__name__}: {exc})"
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        return False, f"TensorRT {trt.__version__} is installed, but torch ({torch.__version__}, {build}) sees no CUDA GPU"
+        return False, (f"TensorRT {trt.__version__} is installed, "
+                       f"but torch ({torch.__version__}, {build}) sees no CUDA GPU")
     return True, trt.__version__
+
+
+def available() -> bool:
+    """Whether TensorRT engines can be built and run here (TensorRT and a CUDA GPU)."""
+    return status()[0]
 
 
 def require():
@@ -50,6 +60,13 @@ def require():
     import tensorrt as trt
 
     return trt
+
+
+def check_profile(min_batch: int, opt_batch: int, max_batch: int) -> None:
+    """The optimization profile's batch sizes, in order: 1 <= min <= opt <= max, or one clear error."""
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise CompressorError(f"need 1 <= min batch <= opt batch <= max batch, "
+                              f"got {min_batch}, {opt_batch}, {max_batch}")
 
 
 def major_version(trt) -> int:
@@ -147,8 +164,7 @@ def build_engine(onnx_path, engine_path, *, precision: str = "fp16", min_batch: 
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if precision not in PRECISIONS:
         raise CompressorError(f"TensorRT precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise CompressorError(f"need 1 <= min batch <= opt batch <= max batch, got {min_batch}, {opt_batch}, {max_batch}")
+    check_profile(min_batch, opt_batch, max_batch)
     if not workspace_gib > 0:
         raise CompressorError(f"the TensorRT workspace must be positive, got {workspace_gib} GiB")
     if not onnx_path.is_file():

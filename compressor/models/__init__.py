@@ -13,32 +13,28 @@ from typing import Callable
 import torch.nn as nn
 
 from ..errors import CompressorError
+from ..registry import Registry
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+MODELS = Registry("model")
 
 
 def register(name: str):
     """Decorator: make ``fn(num_classes, in_channels)`` available as ``name``."""
-
-    def wrap(fn):
-        _REGISTRY[name] = fn
-        return fn
-
-    return wrap
+    return MODELS.register(name)
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    return MODELS.names()
 
 
 def is_registered(name: str) -> bool:
-    return name in _REGISTRY
+    return name in MODELS
 
 
 def resolve(name: str) -> Callable[..., nn.Module]:
     """The factory behind a registry name or a ``module.path:factory`` string."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
+    if name in MODELS:
+        return MODELS.get(name).target
     if ":" not in name:
         raise CompressorError(
             f"unknown model {name!r}; registered models: {', '.join(available())}; "

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .errors import TraceError
+from ..errors import TraceError
+from ..surgery import Graph
 from .masking import carriers, channel_dim
-from .surgery import Graph
 
 
 def _gate(x: torch.Tensor, gate: torch.Tensor, dim: int) -> torch.Tensor:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .plan import PruningPlan
-from .surgery import Graph, Group
-from .train import TrainHooks
+from ..plan import PruningPlan, top_channels
+from ..surgery import Graph, Group
+from ..train import TrainHooks
 
 _BN = nn.modules.batchnorm._BatchNorm
 # layers whose weight (and bias) rows are their output channels; a transposed conv keeps them in dim 1: not here
@@ -116,6 +116,13 @@ def hooks(graph: Graph, masks: dict[str, torch.Tensor]) -> TrainHooks:
             t[rows] = 0
 
     return TrainHooks(after_backward=clear_grads, after_step=rezero)
+
+
+def keep_mask(score: torch.Tensor, width: int, group: Group | None = None) -> torch.Tensor:
+    """A boolean mask of the ``width`` channels :func:`compressor.plan.top_channels` keeps."""
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask[top_channels(score, width, group)] = True
+    return mask
 
 
 def to_plan(masks: dict[str, torch.Tensor]) -> PruningPlan:

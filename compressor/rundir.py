@@ -1,0 +1,66 @@
+"""The run directory's layout, in one place.
+
+A run directory holds ``dense.pt`` and ``pruned.pt`` (see checkpoint.py), ``plan.json``,
+``metrics.json`` (written last: a directory with it holds a finished run), the criterion's
+own files, ``export/`` (``export.json`` and the artifacts), ``bench.jsonl`` (points as they
+finish), ``bench.json`` and ``bench.md``, and ``.state/`` (progress of an unfinished run).
+The pipeline, export, bench and compare find those files here, never by spelling names.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CompressorError
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __init__(self, path: str | Path):
+        object.__setattr__(self, "path", Path(path))
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    dense = property(lambda self: self.path / "dense.pt")
+    pruned = property(lambda self: self.path / "pruned.pt")
+    plan = property(lambda self: self.path / "plan.json")
+    metrics = property(lambda self: self.path / "metrics.json")
+    state = property(lambda self: self.path / ".state")
+    export_dir = property(lambda self: self.path / "export")
+    export_json = property(lambda self: self.path / "export" / "export.json")
+    bench_jsonl = property(lambda self: self.path / "bench.jsonl")
+    bench_json = property(lambda self: self.path / "bench.json")
+    bench_md = property(lambda self: self.path / "bench.md")
+    bench_artifacts = property(lambda self: self.path / "bench-artifacts")
+    bench_speedup_png = property(lambda self: self.path / "bench-speedup.png")
+    bench_latency_png = property(lambda self: self.path / "bench-latency.png")
+    log = property(lambda self: self.path / "log.txt")
+
+    @classmethod
+    def holding(cls, path: str | Path) -> "RunDir | None":
+        """``path`` as a run directory if it is one (it holds ``pruned.pt``), else None."""
+        run = cls(path)
+        return run if run.path.is_dir() and run.pruned.is_file() else None
+
+    def finished(self) -> bool:
+        return self.metrics.is_file()
+
+    def read_metrics(self) -> dict:
+        """The finished run's metrics, or one clear error."""
+        try:
+            return json.loads(self.metrics.read_text())
+        except FileNotFoundError:
+            raise CompressorError(f"{self.path} holds no finished run (no metrics.json)") from None
+        except ValueError as exc:
+            raise CompressorError(f"{self.metrics} is damaged: {exc}") from None
+
+    def update_metrics(self, key: str, value) -> None:
+        """Set ``metrics.json[key]`` (export adds its results), atomically; nothing if the run is unfinished."""
+        from .files import write_json
+
+        if self.finished():
+            write_json(self.metrics, self.read_metrics() | {key: value})
