@@ -172,4 +172,13 @@ def make_plan(method: str, request: PlanRequest, config: CriterionConfig | None 
     return entry.target(request, config)
 
 
-from . import baselines, ffr, peers, psap, sensitivity, smoea  # noqa: E402,F401  (fill the registry)
+def _register_all() -> None:
+    """Import every module of this package, so each criterion registers itself: a new one is one new file."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_register_all()
