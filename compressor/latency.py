@@ -927,10 +927,6 @@ def budget_from(metric: str, value: float, backend: str = "ort-cpu", batch: int 
 
 def check_config(config) -> None:
     """RunConfig.validate's part for budgets (latency ones included)."""
-    if (config.budget_metric in ("latency", "latency_ms") and config.method == "sensitivity"
-            and config.criterion_config().steps > 1):
-        raise CompressorError("a latency budget works with sensitivity in one step; multi-step --steps prunes a "
-                              "copy between steps, which the latency table does not follow")
     budget_from(config.budget_metric, config.budget, getattr(config, "latency_backend", "ort-cpu"),
                 getattr(config, "latency_batch", 1), getattr(config, "latency_cache", None),
                 getattr(config, "latency_step", None))

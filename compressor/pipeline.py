@@ -106,11 +106,12 @@ class RunConfig:
             number(f"--budget-{self.budget_metric}", self.budget, low=0, high=1, low_open=True)
         latency.check_config(self)  # the metric's name; a latency budget's backend, batch and fraction / ms
         choice("--schedule", self.schedule, SCHEDULES)
-        if self.method in criteria.available() and self.criterion is not None:
+        if self.method in criteria.available():
             expected = criteria.config_class(self.method)
-            if not isinstance(self.criterion, expected):  # its own fields were checked when it was built
+            if self.criterion is not None and not isinstance(self.criterion, expected):
                 raise CompressorError(f"{self.method} takes a {expected.__name__} as its criterion settings, "
-                                      f"not a {type(self.criterion).__name__}")
+                                      f"not a {type(self.criterion).__name__}")  # fields: checked when built
+            self.criterion_config().check_budget(self.budget_metric)
         return self
 
     def criterion_config(self) -> criteria.CriterionConfig:

@@ -65,6 +65,9 @@ class CriterionConfig:
     def check(self) -> None:
         """Checks across fields, or beyond a range (a subclass's own)."""
 
+    def check_budget(self, metric: str) -> None:
+        """Refuse a budget metric these settings cannot meet (called before any data is read)."""
+
     @classmethod
     def options(cls) -> list[dataclasses.Field]:
         return [f for f in fields(cls) if f.metadata.get("option", {}).get("cli")]

@@ -74,6 +74,11 @@ class SensitivityConfig(CriterionConfig):
             number("--levels", level, low=0, high=1, low_open=True, high_open=True)
         object.__setattr__(self, "levels", tuple(float(v) for v in levels))
 
+    def check_budget(self, metric: str) -> None:
+        if metric in ("latency", "latency_ms") and self.steps > 1:
+            raise CompressorError("a latency budget works with sensitivity in one step; multi-step --steps prunes "
+                                  "a copy between steps, which the latency table does not follow")
+
 
 def _damage(graph: Graph, group, level: float, mode: str,
             generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
