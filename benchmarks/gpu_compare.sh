@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Issue 15's GPU study: VGG-16 / CIFAR-10 at 16.56% of params, every method, 3 seeds, equal epochs,
+# as one `compress compare` study that any session with a GPU continues where the last one stopped.
+#
+# Usage (from anywhere):  benchmarks/gpu_compare.sh DATA_DIR [STUDY_DIR]
+#   DATA_DIR holds cifar10/{train,test}/<class>/*.jpg (../shared/data/cifar10-jpeg.tar.gz; on the GPU
+#   machine, staged by ../shared/tools/device-stage.sh cifar10 and unpacked here from .device/data).
+#
+# Each invocation stays under 9 minutes: the study runs for BUDGET seconds (default 480) and is then
+# stopped; the next invocation continues it (finished cells are read back, the interrupted one resumes
+# from its last saved epoch). Every finished cell prints one line as it lands, and compare.md / .json /
+# .png are rewritten after each cell. Run it again until it prints "study complete".
+#
+# Settings by environment (defaults in brackets):
+#   DENSE_EPOCHS [100]  PRUNING_EPOCHS [40]  SEEDS [3]  BUDGETS [params:0.1656]
+#   METHODS [l1,random,tp-l1,tp-l1-global,tp-bn,tp-taylor,sensitivity,psap,ffr,smoea]
+#   CRITERION ["--ffr-epochs 10 --steps 3 --step-epochs 2 --group-size 2 --population 32 --generations 10"]
+#   CHECKPOINT [] (a trained dense model instead of DENSE_EPOCHS of training)  BUDGET [480]  DEVICE [cuda]
+# A CPU dry run: DEVICE=cpu MODEL=conv4 DATASET=synthetic DENSE_EPOCHS=1 PRUNING_EPOCHS=2 SEEDS=2 \
+#   METHODS=l1,ffr CRITERION="--ffr-epochs 1" BUDGETS=params:0.3 benchmarks/gpu_compare.sh data /tmp/gpu-compare-dry
+set -uo pipefail
+data=${1:?usage: $0 DATA_DIR [STUDY_DIR]}
+cd "$(dirname "$0")/.."
+study=${2:-studies/gpu-vgg16-cifar10}
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+# torch-pruning and the data, staged under .device/ (a no-op where they are already in place)
+if ! $py -c "import torch_pruning" 2>/dev/null; then
+  if ls .device/wheels/*.whl >/dev/null 2>&1; then
+    $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl \
+      && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  fi
+  $py -c "import torch_pruning" 2>/dev/null || { echo "torch-pruning is not installed (stage it with ../shared/tools/device-stage.sh)"; exit 2; }
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+dataset=${DATASET:-cifar10}
+if [ "$dataset" = cifar10 ] && [ ! -d "$data/cifar10" ] && [ -f .device/data/cifar10-jpeg.tar.gz ]; then
+  mkdir -p "$data" && tar -xzf .device/data/cifar10-jpeg.tar.gz -C "$data"
+fi
+
+start=(--epochs "${DENSE_EPOCHS:-100}")
+[ -n "${CHECKPOINT:-}" ] && start=(--checkpoint "$CHECKPOINT")
+# shellcheck disable=SC2206
+criterion=(${CRITERION:---ffr-epochs 10 --steps 3 --step-epochs 2 --group-size 2 --population 32 --generations 10})
+timeout --signal=INT --kill-after=30 "${BUDGET:-480}" $py -m compressor compare --model "${MODEL:-vgg16}" \
+  --dataset "$dataset" --data-dir "$data" --device "${DEVICE:-cuda}" \
+  --methods "${METHODS:-l1,random,tp-l1,tp-l1-global,tp-bn,tp-taylor,sensitivity,psap,ffr,smoea}" \
+  --budgets "${BUDGETS:-params:0.1656}" --seeds "${SEEDS:-3}" --pruning-epochs "${PRUNING_EPOCHS:-40}" \
+  "${start[@]}" "${criterion[@]}" --out "$study"
+status=$?
+if [ "$status" -eq 0 ]; then
+  echo "study complete: $study/compare.md"
+elif [ "$status" -eq 124 ] || [ "$status" -eq 130 ]; then
+  echo "stopped after ${BUDGET:-480}s to stay under the 9-minute limit; run the same command again to continue"
+fi
+[ -f "$study/compare.md" ] && cat "$study/compare.md"
+exit "$status"
