@@ -25,19 +25,8 @@ study=${2:-studies/gpu-vgg16-cifar10}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
-# torch-pruning and the data, staged under .device/ (a no-op where they are already in place)
-if ! $py -c "import torch_pruning" 2>/dev/null; then
-  if ls .device/wheels/*.whl >/dev/null 2>&1; then
-    $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl \
-      && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-  fi
-  $py -c "import torch_pruning" 2>/dev/null || { echo "torch-pruning is not installed (stage it with ../shared/tools/device-stage.sh)"; exit 2; }
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
 dataset=${DATASET:-cifar10}
-if [ "$dataset" = cifar10 ] && [ ! -d "$data/cifar10" ] && [ -f .device/data/cifar10-jpeg.tar.gz ]; then
-  mkdir -p "$data" && tar -xzf .device/data/cifar10-jpeg.tar.gz -C "$data"
-fi
+. benchmarks/device_setup.sh  # torch-pruning and the data from .device/
 
 start=(--epochs "${DENSE_EPOCHS:-100}")
 [ -n "${CHECKPOINT:-}" ] && start=(--checkpoint "$CHECKPOINT")

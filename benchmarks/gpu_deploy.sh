@@ -38,18 +38,7 @@ left() { local n=$((budget - SECONDS)); [ "$n" -gt 1 ] && echo "$n" || echo 1; }
 say() { echo "[gpu_deploy $(date -u +%H:%M:%S), ${SECONDS}s] $*"; }
 notes=()
 
-# torch-pruning and the data, staged under .device/ (a no-op where they are already in place)
-if ! $py -c "import torch_pruning" 2>/dev/null; then
-  if ls .device/wheels/*.whl >/dev/null 2>&1; then
-    $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl \
-      && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-  fi
-  $py -c "import torch_pruning" 2>/dev/null || { echo "torch-pruning is not installed (stage it with ../shared/tools/device-stage.sh)"; exit 2; }
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-if [ "$dataset" = cifar10 ] && [ ! -d "$data/cifar10" ] && [ -f .device/data/cifar10-jpeg.tar.gz ]; then
-  mkdir -p "$data" && tar -xzf .device/data/cifar10-jpeg.tar.gz -C "$data"
-fi
+. benchmarks/device_setup.sh  # torch-pruning and the data from .device/
 
 # 1. the run: short dense training (or CHECKPOINT), L1 to 25% of MACs, short fine-tuning; --resume keeps a finished one
 if [ ! -f "$run/metrics.json" ]; then
