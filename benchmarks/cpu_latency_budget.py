@@ -161,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--table-iters", type=int, default=10, help="timed calls per table point (median)")
     p.add_argument("--validate", type=int, default=5, help="random width configurations the model's error is "
                    "measured on")
+    p.add_argument("--calibrate", type=int, help="whole-model measurements the layer weights are fitted on "
+                   "(default: 2 per layer, 8 to 40)")
     p.add_argument("--check-seconds", type=float, default=1.0, help="timing per solver check")
     p.add_argument("--final-seconds", type=float, default=8.0, help="timing of the final interleaved run")
     p.add_argument("--cache", help="latency table cache (default ~/.cache/compressor/latency)")
@@ -193,19 +195,22 @@ def main(argv=None) -> int:
         graph = surgery.trace(model, torch.randn(2, *shape))
         lspec = latency.LatencySpec("ort-cpu", batch, cache_dir=args.cache, step=args.step, threads=args.threads,
                                     table_iters=args.table_iters, check_seconds=args.check_seconds,
-                                    validate=args.validate, calibrate=2)
+                                    validate=args.validate, calibrate=args.calibrate)
         lat = latency.LatencyModel(graph, lspec, args.round_to, args.max_ratio)
         latency.activate(lat)
         entry = {"batch": batch, "table": {k: lat.report[k] for k in ("table", "table_from_cache", "table_seconds",
                                                                        "grid")},
                  "dense_ms": lat.dense_ms, "alpha": lat.alpha, "model_error": lat.report["model_error"],
+                 "layer_weights": lat.report["layer_weights"], "ridge": lat.report["ridge"],
+                 "calibration_configs": lat.report["calibration_configs"],
                  "targets": []}
         err = lat.report["model_error"]
         print(f"[batch {batch}] dense {lat.dense_ms:.3f} ms; "
               f"table {'from cache' if not lat.table.measured else 'measured'}"
-              f" ({lat.table.seconds:.0f}s); model error: calibrated mean {err['calibrated']['mean']:.1%} / max "
-              f"{err['calibrated']['max']:.1%}, plain sum+constant mean {err['sum_plus_constant']['mean']:.1%} / max "
-              f"{err['sum_plus_constant']['max']:.1%} ({err['calibrated']['configs']} random widths)", flush=True)
+              f" ({lat.table.seconds:.0f}s); model error: per-layer (ridge {lat.report['ridge']}) mean "
+              f"{err['per_layer']['mean']:.1%} / max {err['per_layer']['max']:.1%}, shared weight mean "
+              f"{err['shared_weight']['mean']:.1%}, plain sum+constant mean {err['sum_plus_constant']['mean']:.1%} "
+              f"({err['calibrated']['configs']} random widths)", flush=True)
         plans = {}
         for target in targets:
             try:
@@ -293,11 +298,17 @@ def markdown(r: dict) -> str:
         table_source = ("from cache" if b["table"]["table_from_cache"]
                         else "measured in " + format(b["table"]["table_seconds"], ".0f") + "s")
         lines += [f"## batch {b['batch']}", "",
-                  f"Dense {b['dense_ms']:.3f} ms. Latency model (sum of per-layer table + constant, alpha "
-                  f"{b['alpha']:.3f}) error on {e['calibrated']['configs']} random widths: mean "
-                  f"{e['calibrated']['mean']:.1%}, max {e['calibrated']['max']:.1%} (alpha = 1: mean "
-                  f"{e['sum_plus_constant']['mean']:.1%}, max {e['sum_plus_constant']['max']:.1%}). Table "
-                  f"{table_source}.", "",
+                  f"Dense {b['dense_ms']:.3f} ms. Latency model error on {e['calibrated']['configs']} random "
+                  f"widths not used for fitting (relative error of the predicted fraction of dense latency):", "",
+                  "| model | mean | max |", "|---|---|---|",
+                  f"| per-layer weights, ridge towards alpha (strength {b.get('ridge')}, chosen by leave-one-out on "
+                  f"{b.get('calibration_configs')} calibration widths): the model used | {e['per_layer']['mean']:.1%} "
+                  f"| {e['per_layer']['max']:.1%} |",
+                  f"| one shared weight alpha = {b['alpha']:.3f} | {e['shared_weight']['mean']:.1%} | "
+                  f"{e['shared_weight']['max']:.1%} |",
+                  f"| plain sum of the table + constant | {e['sum_plus_constant']['mean']:.1%} | "
+                  f"{e['sum_plus_constant']['max']:.1%} |", "",
+                  f"Table {table_source}.", "",
                   "| target | latency plan: measured | within 10% | MACs kept | params kept | MAC plan: measured "
                   "| MACs kept | params kept | accuracy (latency / MAC plan) |",
                   "|---|---|---|---|---|---|---|---|---|"]

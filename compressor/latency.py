@@ -14,13 +14,15 @@ grid is each group's own: multiples of ``step`` (default: ``--round-to``), made 
 group would have fewer than :data:`MIN_POINTS` widths, plus the full width. Between grid
 points (a layer after a concatenation or a flatten) the table interpolates bilinearly.
 
-*The model.* ``latency(w) = alpha * sum_layers table(w) + beta``. ``beta`` makes the model exact
+*The model.* ``latency(w) = sum_layers a_l * table_l(w) + beta``. ``beta`` makes the model exact
 at the dense widths (it absorbs what is not a prunable layer, and removes the per-call overhead
-each single-layer timing counts once more); ``alpha`` is fitted by least squares through the
-dense point on a few whole-model measurements at other widths (calibration), since the sum
-of separately timed layers misses how the whole graph runs (fusions, caches). ``alpha = 1``
-is the plain "sum plus a constant" model; both errors are reported, measured on random width
-configurations that were not used for fitting.
+each single-layer timing counts once more). The weights come from whole-model measurements at
+random widths (calibration), since separately timed layers miss how the whole graph runs
+(fusions, caches, threads): one shared ``a_l = alpha`` fitted by least squares through the dense
+point, or one weight per layer, ridge-regressed towards ``alpha``, with the ridge strength
+(infinite included: the shared weight) chosen by leave-one-out error on the calibration
+measurements. ``a_l = 1`` is the plain "sum plus a constant" model; the errors of all three are
+reported, measured on random width configurations that were not used for fitting.
 
 *The cache.* Tables are JSON files in ``--latency-cache``, else ``$COMPRESSOR_LATENCY_CACHE``,
 else ``$XDG_CACHE_HOME/compressor/latency`` (``~/.cache/compressor/latency``). The file name
@@ -90,7 +92,7 @@ class LatencySpec:
     table_iters: int = 10  # timed calls per table point (median), after 2 warm-up calls
     check_seconds: float = 1.0  # whole-model checks: interleaved timing per comparison
     validate: int = 3  # random width configurations the model's error is measured on
-    calibrate: int = 2  # whole-model measurements alpha is fitted on
+    calibrate: int | None = None  # whole-model measurements the weights are fitted on (None: 2 per layer, 8 to 40)
     verbose: bool = True
 
     def __post_init__(self):
@@ -110,7 +112,7 @@ def check_spec(spec: LatencySpec) -> None:
     number("latency threads", spec.threads, integer=True, low=1, optional=True)
     number("latency table_iters", spec.table_iters, integer=True, low=1)
     number("latency validate", spec.validate, integer=True, low=0)
-    number("latency calibrate", spec.calibrate, integer=True, low=0)
+    number("latency calibrate", spec.calibrate, integer=True, low=0, optional=True)
 
 
 def check_backend(backend: str, device: torch.device | None = None) -> torch.device:
@@ -701,6 +703,50 @@ def load_or_measure(specs: list[LayerSpec], grids: dict[str, list[int]], full: d
 # ----------------------------------------------------------------------------------------------- the model
 
 
+def fit_layer_weights(xs: list[list[float]], ys: list[float]) -> dict:
+    """Weights ``a`` with ``y ~ sum_l a_l x_l`` (through the origin: the dense point): ``alpha``, one shared
+    weight by least squares; then per-layer weights by ridge regression towards ``alpha``, the ridge
+    strength chosen by leave-one-out error among a scale-aware grid and infinity (= ``alpha`` for all).
+    An ``alpha`` outside [0.2, 5] is timing noise, not the backend: 1 is used. Weights stay in [0, 5 alpha]."""
+    import numpy as np
+
+    X, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    n = X.shape[1] if X.ndim == 2 else 0
+
+    def shared(Xs, ys_):
+        s = Xs.sum(1)
+        den = float(s @ s)
+        a = float(s @ ys_) / den if den > 0 else 1.0
+        return a if 0.2 <= a <= 5.0 else 1.0
+
+    def ridge(Xs, ys_, lam):
+        a = shared(Xs, ys_)
+        if lam is None or n == 0:
+            return np.full(n, a), a
+        r = ys_ - Xs @ np.full(n, a)
+        d = np.linalg.solve(Xs.T @ Xs + lam * np.eye(n), Xs.T @ r)
+        return np.clip(a + d, 0.0, 5.0 * a), a
+
+    if len(y) == 0 or n == 0:
+        return {"alpha": 1.0, "weights": [1.0] * n, "ridge": None, "loo": {}}
+    scale = float(np.trace(X.T @ X)) / n or 1.0
+    grid = [None] + [c * scale for c in (1e-3, 1e-2, 1e-1, 1.0, 10.0)]
+    loo = {}
+    for lam in grid:
+        if len(y) < 3:
+            break
+        err = []
+        for i in range(len(y)):
+            keep = np.arange(len(y)) != i
+            w, _ = ridge(X[keep], y[keep], lam)
+            err.append(abs(float(X[i] @ w) - y[i]))
+        loo["inf" if lam is None else f"{lam / scale:g}"] = float(np.mean(err))
+    best = min(loo, key=loo.get) if loo else "inf"
+    lam = None if best == "inf" else float(best) * scale
+    weights, alpha = ridge(X, y, lam)
+    return {"alpha": alpha, "weights": [float(v) for v in weights], "ridge": best, "loo": loo}
+
+
 class LatencyModel:
     """Predicted latency of the traced model at any group widths, and whole-model measurements."""
 
@@ -719,6 +765,7 @@ class LatencyModel:
         self.table = table or load_or_measure(self.layers, self.grids, self.full, spec, self.device, self.runner,
                                               self.cold)
         self.alpha, self.beta = 1.0, 0.0
+        self.weights = {s.name: 1.0 for s in self.layers}  # a_l: each layer's weight in the model
         self.dense_ms = self.sum_ms(self.full)
         self.dense_model = copy.deepcopy(graph.model).cpu().eval()
         self.example = graph.example_inputs[:1].detach().cpu()
@@ -739,8 +786,12 @@ class LatencyModel:
             total += self.table.lookup(s.name, cin, cout)
         return total
 
+    def layer_ms(self, widths: dict[str, int]) -> dict[str, float]:
+        """Each layer's table latency at ``widths``."""
+        return {s.name: self.table.lookup(s.name, *layer_widths(s, widths, self.full)) for s in self.layers}
+
     def predict_ms(self, widths: dict[str, int]) -> float:
-        return self.alpha * self.sum_ms(widths) + self.beta
+        return sum(self.weights[n] * ms for n, ms in self.layer_ms(widths).items()) + self.beta
 
     def fraction(self, widths: dict[str, int]) -> float:
         return self.predict_ms(widths) / self.predict_ms(self.full)
@@ -768,42 +819,54 @@ class LatencyModel:
         return {g: rng.choice(self.grids[g]) for g in self.full}
 
     def fit(self) -> None:
-        """Dense latency, alpha/beta by least squares through the dense point, and the model's error on
+        """Dense latency, the layer weights and beta from calibration measurements, and the model's error on
         random configurations not used for fitting."""
         rng = random.Random(0)
         uniform = {g: min(self.grids[g], key=lambda w: abs(w - self.full[g] / 2)) for g in self.full}
-        calib = [uniform] + [self.random_widths(rng) for _ in range(max(0, self.spec.calibrate - 1))]
-        calib = calib[: self.spec.calibrate]
+        k = self.spec.calibrate if self.spec.calibrate is not None else min(40, max(8, 2 * len(self.layers)))
+        calib = ([uniform] + [self.random_widths(rng) for _ in range(max(0, k - 1))])[:k]
         valid = [self.random_widths(rng) for _ in range(self.spec.validate)]
         configs = {f"calib{i}": w for i, w in enumerate(calib)} | {f"valid{i}": w for i, w in enumerate(valid)}
         t0 = time.perf_counter()
         result = self.measure(configs)
         dense = result["ms"]["dense"]
-        s_dense = self.sum_ms(self.full)
-        xs = [self.sum_ms(w) - s_dense for w in calib]
+        names = [s.name for s in self.layers]
+        base = self.layer_ms(self.full)
+
+        def features(w):  # each layer's table change from the dense widths
+            ms = self.layer_ms(w)
+            return [ms[n] - base[n] for n in names]
+
+        xs = [features(w) for w in calib]
         ys = [result["fraction"][f"calib{i}"] * dense - dense for i in range(len(calib))]
-        den = sum(x * x for x in xs)
-        alpha = sum(x * y for x, y in zip(xs, ys)) / den if den > 0 else 1.0
-        if not 0.2 <= alpha <= 5.0:  # a fit this far off is noise, not a property of the backend
-            alpha = 1.0
+        fit = fit_layer_weights(xs, ys)
+        models = {"sum_plus_constant": [1.0] * len(names), "shared_weight": [fit["alpha"]] * len(names),
+                  "per_layer": fit["weights"]}
         errors = {}
-        for label, a in (("sum_plus_constant", 1.0), ("calibrated", alpha)):
+        for label, weights in models.items():
             rel = []
             for i, w in enumerate(valid):
-                pred = (a * (self.sum_ms(w) - s_dense) + dense) / dense
+                pred = (sum(a * x for a, x in zip(weights, features(w))) + dense) / dense
                 real = result["fraction"][f"valid{i}"]
                 rel.append(abs(pred - real) / real)
             errors[label] = {"mean": statistics.fmean(rel) if rel else None, "max": max(rel) if rel else None,
                              "configs": len(rel)}
-        self.alpha, self.beta = alpha, dense - alpha * s_dense
+        errors["calibrated"] = errors["per_layer"]  # the model in use (its weights may all be alpha)
+        self.alpha = fit["alpha"]
+        self.weights = dict(zip(names, fit["weights"]))
+        self.beta = dense - sum(self.weights[n] * base[n] for n in names)
         self.dense_ms = dense
-        self.report.update({"dense_ms": dense, "sum_of_layers_ms": s_dense, "alpha": alpha, "beta_ms": self.beta,
-                            "model_error": errors, "fit_seconds": time.perf_counter() - t0})
+        s_dense = sum(base.values())
+        self.report.update({"dense_ms": dense, "sum_of_layers_ms": s_dense, "alpha": fit["alpha"],
+                            "layer_weights": self.weights, "ridge": fit["ridge"], "loo_error_ms": fit["loo"],
+                            "beta_ms": self.beta, "calibration_configs": len(calib), "model_error": errors,
+                            "fit_seconds": time.perf_counter() - t0})
         err = errors["calibrated"]
         if err["mean"] is not None:
             _log(self.spec, f"dense {dense:.4f} ms on {self.spec.backend} at batch {self.spec.batch}; layers sum to "
-                            f"{s_dense:.4f} ms; alpha {alpha:.3f}; model error on {err['configs']} random widths: "
-                            f"mean {err['mean']:.1%}, max {err['max']:.1%} (plain sum+constant: mean "
+                            f"{s_dense:.4f} ms; alpha {fit['alpha']:.3f}, per-layer ridge {fit['ridge']}; model error "
+                            f"on {err['configs']} random widths: mean {err['mean']:.1%}, max {err['max']:.1%} "
+                            f"(shared weight: mean {errors['shared_weight']['mean']:.1%}; plain sum+constant: mean "
                             f"{errors['sum_plus_constant']['mean']:.1%})")
 
     # --- the solver's pieces
@@ -814,7 +877,7 @@ class LatencyModel:
             on_grid = [w for w in widths if w in self.grids.get(g, ())] or list(widths)
             kept, best = [], math.inf
             for w in sorted(on_grid, reverse=True):
-                ms = self.sum_ms({**self.full, g: w})
+                ms = self.predict_ms({**self.full, g: w})
                 if ms < best or w == self.full[g]:
                     kept.append(w)
                     best = min(best, ms)

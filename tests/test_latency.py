@@ -233,3 +233,21 @@ def test_cold_caches_for_models_that_overflow_the_cache(monkeypatch):
     assert latency.cold_layers(big, spec, torch.device("cpu"))
     assert not latency.cold_layers(small, spec, torch.device("cpu"))
     assert not latency.cold_layers(big, spec, torch.device("cuda"))
+
+
+def test_layer_weights_are_recovered_and_the_shared_weight_is_the_limit():
+    import random as _random
+
+    from compressor.latency import fit_layer_weights
+
+    rng = _random.Random(0)
+    true = [0.5, 2.0, 1.0, 3.0]
+    xs = [[-rng.uniform(0, 1) for _ in true] for _ in range(24)]
+    ys = [sum(a * x for a, x in zip(true, row)) + rng.gauss(0, 1e-3) for row in xs]
+    fit = fit_layer_weights(xs, ys)
+    assert fit["ridge"] != "inf" and fit["weights"] == pytest.approx(true, abs=0.05)
+    # every layer 1.7x its table: the shared weight explains it, and the per-layer fit agrees
+    ys = [1.7 * sum(row) for row in xs]
+    fit = fit_layer_weights(xs, ys)
+    assert fit["alpha"] == pytest.approx(1.7) and fit["weights"] == pytest.approx([1.7] * 4, abs=1e-3)
+    assert fit_layer_weights([], [])["alpha"] == 1.0  # nothing measured: the plain sum
