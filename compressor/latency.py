@@ -36,9 +36,10 @@ ratios are scaled by bisection against the model's predicted latency, over width
 measured grid from which each group's *dominated* widths are removed (a width that is no
 faster than a wider one of the same group, other groups at full width: widths the backend
 runs badly are avoided because they were measured). The result is then measured whole on the
-backend, interleaved with the dense model; when it misses the target by more than the
-tolerance (:data:`TOLERANCE`, relative), the target is corrected by the miss and the widths
-solved again, up to :data:`CORRECTIONS` times, each step printed and recorded.
+backend, interleaved with the dense model; unless it lands within half the tolerance
+(:data:`TOLERANCE`, relative; :data:`AIM`: the other half is headroom for the next timing's
+noise), the target is corrected by the miss and the widths solved again, up to
+:data:`CORRECTIONS` times, each step printed and recorded; the closest plan wins.
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ PRECISIONS = ("fp32", "fp16")
 ENV_CACHE = "COMPRESSOR_LATENCY_CACHE"
 TOLERANCE = 0.10  # the measured latency must land within 10% of the target (relative)
 CORRECTIONS = 4  # solves at most: the first plus three corrected targets
+AIM = 0.5  # a solve is accepted at once within AIM x the tolerance: the rest is headroom for timing noise
 MIN_POINTS = 4  # a group's grid has at least this many widths (where it has as many legal ones)
 TABLE_VERSION = 1
 FOLLOWERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU,
@@ -943,7 +945,9 @@ def solve(lat: LatencyModel, budget, search, choices) -> tuple[dict[str, int], d
                        f"{budget.fraction:.3f}")
         if best is None or abs(miss) < abs(best["measured"] - budget.fraction):
             best = step
-        if abs(miss) <= budget.tolerance:
+        # accepted at once only near the middle of the tolerance: a plan measured at its edge lands outside
+        # it in the next timing as often as not (VGG-16 at batch 1 on one core: 0.328 for 0.3, then 0.343)
+        if abs(miss) <= AIM * budget.tolerance:
             break
         if i + 1 < CORRECTIONS:
             # the backend runs these widths k = measured / predicted times the model's guess: aim at F / k,
