@@ -124,8 +124,9 @@ def compare(base: RunConfig, methods: list[str], budgets: list[tuple[str, float]
         folder = out / "cells" / cell.name
         finished = RunDir(folder).finished()
         t0 = time.perf_counter()
+        # the split is the dense model's: its seed (--seed), not the cell's
         record = _cell(replace(base, criterion=configs[cell.method]), cell, folder, dense_ckpt,
-                       seeds[0] if base.split_seed is None else base.split_seed)
+                       base.seed if base.split_seed is None else base.split_seed)
         results[cell] = record
         if not finished:
             done_here.append(time.perf_counter() - t0)

@@ -207,3 +207,20 @@ def test_ffr_allocation_keeps_every_group_above_its_floor(fraction):
         assert widths[name] >= floor and start[name] >= floor
     raw = global_widths(graph, scores, budget, 8, 0.95, normalise=False)
     assert raw[graph.groups[0].name] < floors[graph.groups[0].name]  # what the floor prevents
+
+
+def test_cells_keep_the_dense_models_split(tmp_path, monkeypatch):
+    """Cell seeds move training; the train/validation split stays the one the dense model was trained on."""
+    seen = []
+
+    def fake_run(config):
+        seen.append((config.seed, config.split_seed))
+        raise CompressorError("stop here")
+
+    monkeypatch.setattr(study, "run", fake_run)
+    dense = tmp_path / "dense.pt"
+    dense.write_bytes(b"a checkpoint")
+    with pytest.raises(CompressorError, match="2 cell"):
+        study.compare(RunConfig(**TINY, checkpoint=str(dense), pruning_epochs=1, seed=7), ["l1"], [("params", 0.3)],
+                      [3, 4], tmp_path / "s")
+    assert seen == [(3, 7), (4, 7)]
