@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,17 +43,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("dense-fp32", "pruned-fp32", "pruned-int8")
 GOAL_SPEEDUP, GOAL_BATCH, GOAL_DROP_POINTS = 2.0, 32, 0.5
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return out + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def interleaved(calls: dict, rounds: int, min_iters: int, min_seconds: float, warmup: int) -> dict:
@@ -115,7 +102,8 @@ def main(argv=None) -> int:
     from compressor.data import DeviceBatches
     from compressor.export import onnx
     from compressor.export.run import export
-    from compressor.provenance import device_name
+    from compressor.files import write_json, write_text
+    from compressor.provenance import device_name, git_commit
 
     run_dir = args.run_dir
     for name in ("dense.pt", "pruned.pt"):
@@ -130,7 +118,7 @@ def main(argv=None) -> int:
         "goal": f"pruned int8 ONNX >= {GOAL_SPEEDUP:g}x faster than fp32 ONNX at batch {GOAL_BATCH} on a CPU, "
                 f"losing <= {GOAL_DROP_POINTS} points of top-1 accuracy",
         "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
-        "commit": commit(), "date": started.isoformat(timespec="seconds"),
+        "commit": git_commit() or "unknown", "date": started.isoformat(timespec="seconds"),
         "device": device_name(torch.device("cpu")), "machine": platform.processor() or platform.machine(),
         "dataset": spec.dataset, "model": spec.model, "run_dir": str(run_dir),
         "onnxruntime": __import__("onnxruntime").__version__, "threads": args.threads or "onnxruntime default",
@@ -184,8 +172,8 @@ def main(argv=None) -> int:
             "accuracy_vs_pruned_fp32": drop <= GOAL_DROP_POINTS,
         }
     base.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{base}.json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(f"{base}.md").write_text(markdown(result))
+    write_json(Path(f"{base}.json"), result)  # atomic: a killed run leaves no half-written result
+    write_text(Path(f"{base}.md"), markdown(result))
     print(f"wrote {base}.json and {base}.md")
     return 0
 

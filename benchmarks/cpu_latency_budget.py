@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,20 +50,11 @@ sys.path.insert(0, str(ROOT))
 from compressor import latency, models, surgery  # noqa: E402
 from compressor.budget import Budget, solve_widths  # noqa: E402
 from compressor.errors import BudgetError  # noqa: E402
+from compressor.files import write_json, write_text  # noqa: E402
 from compressor.plan import PruningPlan  # noqa: E402
+from compressor.provenance import git_commit  # noqa: E402
 
 GOAL = 0.10  # each latency plan's measured fraction within +/-10% of its target
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return out + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def load_model(args):
@@ -185,7 +174,7 @@ def main(argv=None) -> int:
               "backend": "ort-cpu", "device": latency.device_label(torch.device("cpu")),
               "threads": args.threads or "onnxruntime default", "torch_threads": torch.get_num_threads(),
               "versions": latency.library_versions("ort-cpu"), "python": platform.python_version(),
-              "command": shlex.join([sys.executable, *sys.argv]), "commit": commit(),
+              "command": shlex.join([sys.executable, *sys.argv]), "commit": git_commit() or "unknown",
               "date": started.isoformat(timespec="seconds"), "step": args.step, "round_to": args.round_to,
               "goal": f"each latency plan within +/-{GOAL:.0%} of its target, measured in one interleaved run",
               "batches": []}
@@ -280,8 +269,8 @@ def main(argv=None) -> int:
     result["seconds"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     base = Path(args.out or ROOT / "benchmarks" / "results" / f"cpu-latency-budget-{name}")
     base.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{base}.json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(f"{base}.md").write_text(markdown(result))
+    write_json(Path(f"{base}.json"), result)  # atomic: a killed run leaves no half-written result
+    write_text(Path(f"{base}.md"), markdown(result))
     print(f"wrote {base}.json and {base}.md ({result['seconds']:.0f}s)")
     return 0
 

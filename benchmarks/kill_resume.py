@@ -111,9 +111,9 @@ def main():
                    "files_left": left}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    from compressor.provenance import device_name
+    from compressor.provenance import device_name, git_commit
+
+    commit = git_commit()
 
     meta = {"command": "python benchmarks/kill_resume.py" + (f" --out {args.out}" if args.out else ""),
             "commit": commit, "device": device_name(torch.device("cpu")), "data": "synthetic (compressor's, 1024 "
