@@ -207,6 +207,20 @@ def test_a_point_past_its_cap_is_recorded_as_timed_out(fresh_run):
     assert again["points"] == result["points"]
 
 
+def test_a_timeout_that_cuts_a_no_grad_block_leaves_autograd_on():
+    """The alarm can land after ``torch.no_grad()`` switched autograd off but before its exit was armed."""
+    import time
+
+    from compressor.bench.harness import PointTimeout
+    from compressor.bench.run import _alarm
+
+    with pytest.raises(PointTimeout):
+        with _alarm(0.01):
+            torch.set_grad_enabled(False)  # what such an interrupted no_grad() leaves behind
+            time.sleep(5)
+    assert torch.is_grad_enabled()
+
+
 def test_total_budget_leaves_points_for_resume(fresh_run, capsys):
     result = bench(fresh_run, backends="eager", batch_sizes="1,2", total_seconds=1e-9, **FAST)
     assert result["points"] == [] and not result["complete"]

@@ -122,7 +122,11 @@ def _key(point: dict) -> tuple:
 @contextlib.contextmanager
 def _alarm(seconds: float | None):
     """Raise :class:`PointTimeout` in this (main) thread after ``seconds``: the backstop for a build or
-    first call (a compile) that never returns to the timing loop. Elsewhere, only the loop's own check."""
+    first call (a compile) that never returns to the timing loop. Elsewhere, only the loop's own check.
+
+    The exception lands between any two bytecodes, so it can cut a ``with torch.no_grad():`` after the
+    grad mode was switched off but before its ``__exit__`` is armed; autograd would then stay off for the
+    rest of the process (a later ``fit`` fails). The grad mode is therefore put back on the way out."""
     if seconds is None or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
         return
@@ -130,6 +134,7 @@ def _alarm(seconds: float | None):
     def handler(signum, frame):
         raise PointTimeout(f"over {seconds:.0f} s")
 
+    grad_enabled = torch.is_grad_enabled()
     previous = signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
     try:
@@ -137,6 +142,7 @@ def _alarm(seconds: float | None):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        torch.set_grad_enabled(grad_enabled)
 
 
 class Journal:
