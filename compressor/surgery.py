@@ -466,6 +466,34 @@ def pruned_copy(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tenso
     return apply(copy.deepcopy(model), plan, example_inputs)
 
 
+def write_back(model: nn.Module, trained: nn.Module, plan: PruningPlan, example_inputs: torch.Tensor) -> None:
+    """Put ``trained`` (a pruned copy of ``model`` by ``plan``, trained since) into the kept positions of
+    ``model``, so that ``apply(model, plan)`` gives ``trained``: a criterion that trains a physically pruned
+    copy on its way hands its training on instead of throwing it away.
+
+    Where each kept element came from is found by pruning a copy whose every value is its own flat index:
+    the dependency graph decides that, so residual adds, concatenations and grouped layers need no rules here."""
+    with autograd_on():
+        ids = copy.deepcopy(model).to(torch.float64)
+        with torch.no_grad():
+            for t in ids.state_dict().values():
+                if t.is_floating_point():
+                    t.copy_(torch.arange(t.numel(), dtype=torch.float64).view_as(t))
+        _apply(ids, plan, example_inputs.to(torch.float64), None)
+    where, target, source = ids.state_dict(), model.state_dict(), trained.state_dict()
+    with torch.no_grad():
+        for name, value in source.items():
+            if where[name].shape != value.shape:
+                raise CompressorError(f"{name}: the trained copy has shape {tuple(value.shape)}, the plan gives "
+                                      f"{tuple(where[name].shape)}; it is not this model pruned by this plan")
+            if value.is_floating_point():
+                flat = target[name].reshape(-1).clone()  # logical order, whatever the memory format
+                flat[where[name].reshape(-1).long().to(flat.device)] = value.reshape(-1).to(flat.device, flat.dtype)
+                target[name].copy_(flat.view(target[name].shape))
+            else:  # counters (BatchNorm's num_batches_tracked)
+                target[name].copy_(value)
+
+
 @dataclass(frozen=True)
 class Cost:
     macs: float

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -97,3 +98,17 @@ def test_analyze_command_writes_table_and_plot(tmp_path, capsys):
     assert (tmp_path / "an" / "sensitivity.csv").read_text().splitlines()[0] == "group,width,level,mode,accuracy,drop"
     assert main(["analyze", str(out), "--levels", "1.5"]) == 2
     assert "levels must lie in (0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("step_epochs", [0, 1])
+def test_training_between_steps_carries_into_the_result(small, step_epochs):
+    """The steps' training was done on a pruned copy; its weights come back into the model the plan prunes."""
+    torch.manual_seed(0)
+    model = models.create("conv4", 10, 3)
+    original, x = copy.deepcopy(model), small.example_inputs()
+    request = PlanRequest(model, x, Budget("params", 0.5), data=small)
+    plan = make_plan("sensitivity", request, SensitivityConfig(steps=2, step_epochs=step_epochs))
+    assert request.train_epochs == step_epochs
+    kept_now, kept_before = (surgery.pruned_copy(m, plan, x).state_dict() for m in (model, original))
+    same = all(torch.equal(kept_now[k], kept_before[k]) for k in kept_now)
+    assert same == (step_epochs == 0)

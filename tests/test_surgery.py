@@ -7,7 +7,7 @@ import torch.nn as nn
 from compressor import models, surgery
 from compressor.budget import Budget, solve_widths
 from compressor.criteria import PlanRequest, make_plan
-from compressor.errors import BudgetError, TraceError
+from compressor.errors import BudgetError, CompressorError, TraceError
 from compressor.plan import PruningPlan
 
 from .conftest import make
@@ -163,3 +163,33 @@ def test_trace_and_surgery_under_inference_mode():
                       x, graph)
     assert not any(p.is_inference() for p in model.parameters())
     model(x).sum().backward()  # still trainable outside inference mode
+
+
+@pytest.mark.parametrize("name", ["conv4", "resnet20", "densenet"])
+def test_write_back_puts_a_trained_pruned_copy_into_the_kept_positions(name):
+    """A criterion that trains a pruned copy hands its training on: write_back, then pruning by the same
+    plan, gives the trained copy exactly (residual adds and concatenations included)."""
+    if name == "densenet":
+        import torchvision
+
+        model, x = torchvision.models.densenet121(num_classes=10).eval(), torch.randn(2, 3, 32, 32)
+    else:
+        model, x = make(name)
+    plan = make_plan("random", PlanRequest(model, x, Budget("params", 0.5)))
+    trained = surgery.pruned_copy(model, plan, x)
+    torch.manual_seed(1)
+    with torch.no_grad():  # stands in for training: every value of the copy changes
+        for t in trained.state_dict().values():
+            if t.is_floating_point():
+                t.add_(0.01 * torch.rand_like(t) + 0.001)
+    before = copy.deepcopy(model)
+    surgery.write_back(model, trained, plan, x)
+    result = surgery.pruned_copy(model, plan, x)
+    for (key, got), want in zip(result.state_dict().items(), trained.state_dict().values()):
+        assert torch.equal(got, want), key
+    assert torch.equal(result.eval()(x), trained.eval()(x))
+    dropped = [k for k, v in model.state_dict().items() if v.is_floating_point()
+               and (v == before.state_dict()[k]).any()]
+    assert dropped, "the pruned positions keep their old values"
+    with pytest.raises(CompressorError, match="not this model pruned by this plan"):
+        surgery.write_back(model, before, plan, x)

@@ -16,8 +16,10 @@ L1 norm.
 Multi-step (``--steps N``): prune a working copy to part of the budget, fine-tune it
 ``--step-epochs``, re-analyse, repeat; the kept channels are tracked back to the
 original indices, and the final plan applies to the original model (the intermediate
-fine-tuning informs the selection; the pipeline's fine-tuning trains the result).
-``--step-epochs 0`` re-analyses without training in between.
+fine-tuning informs the selection). The copy's trained weights are then written into the
+kept positions of the original model (``surgery.write_back``), so the training between steps
+is not lost: the pruned result equals the trained copy, and the pipeline's fine-tuning goes
+on from it. ``--step-epochs 0`` re-analyses without training in between.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from ..data import ImageData
 from ..data import batches as data_batches
 from ..errors import CompressorError
 from ..plan import PruningPlan
-from ..surgery import Graph, apply, count, trace
+from ..surgery import Graph, apply, count, trace, write_back
 from ..train import accuracy, fit
 from . import CriterionConfig, PlanRequest, option, register, train_config
 from .baselines import filter_l1
@@ -181,11 +183,15 @@ def sensitivity(request: PlanRequest, config: SensitivityConfig) -> PruningPlan:
         origin = {g: [origin[g][i] for i in plan.keep.get(g, range(len(origin[g])))] for g in origin}
         apply(work, plan, x, graph=work_graph)
         if step < steps and step_epochs:
-            fit(work, request.data, train_config(request, step_epochs, request.seed + step), request.device,
-                desc=f"step {step}", state=request.stage(f"sensitivity-step{step}"))
+            training = train_config(request, step_epochs, request.seed + step, start=(step - 1) * step_epochs)
+            fit(work, request.data, training, request.device, desc=f"step {step}",
+                state=request.stage(f"sensitivity-step{step}"))
     _record(request, analyses[0], analyses)
+    plan = PruningPlan({g: idx for g, idx in origin.items()})
+    if step_epochs:  # the steps' training carries on into the result, as every other criterion's does
+        write_back(request.model, work, plan, x)
     request.train_epochs = (steps - 1) * step_epochs
-    return PruningPlan({g: idx for g, idx in origin.items()})
+    return plan
 
 
 def analyze_source(source, config: SensitivityConfig | None = None, data_dir=None, device="auto",
