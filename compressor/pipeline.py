@@ -200,12 +200,6 @@ def run(config: RunConfig) -> dict:
     return metrics
 
 
-def _one_schedule(config: RunConfig) -> int | None:
-    """Equal epochs (``--pruning-epochs``): the criterion's training and the fine-tuning follow one cosine over
-    them, as a method that only fine-tunes does; otherwise each fit has its own."""
-    return config.pruning_epochs or None
-
-
 def _run(config: RunConfig, out: Path, state: RunState, budget: Budget, device: torch.device, t0: float,
          resumed: bool) -> dict:
     seconds: dict[str, float] = {}
@@ -270,8 +264,7 @@ def _run(config: RunConfig, out: Path, state: RunState, budget: Budget, device: 
     # a criterion trains at the fine-tuning rate, or the dense one when it starts from random weights
     criterion_training = TrainConfig(0, config.lr if config.from_scratch else config.finetune_lr, config.batch_size,
                                      schedule=config.schedule, label_smoothing=config.label_smoothing,
-                                     seed=config.seed, compile=resolved["compile"],
-                                     schedule_epochs=_one_schedule(config))
+                                     seed=config.seed, compile=resolved["compile"])
     request = criteria.PlanRequest(model, graph.example_inputs, budget, config.round_to, config.max_ratio,
                                    config.seed, data, device, graph, train=criterion_training,
                                    from_scratch=config.from_scratch, resume=config.resume, out_dir=out, state=state)
@@ -303,8 +296,7 @@ def _run(config: RunConfig, out: Path, state: RunState, budget: Budget, device: 
     stage = time.perf_counter()
     ft_cfg = TrainConfig(finetune_epochs, config.finetune_lr, config.batch_size, schedule="cosine",
                          label_smoothing=config.label_smoothing, seed=config.seed + 1, compile=resolved["compile"],
-                         distill=config.distill, temperature=config.distill_temperature,
-                         schedule_epochs=_one_schedule(config), schedule_start=request.train_epochs)
+                         distill=config.distill, temperature=config.distill_temperature)
     ft_history = fit(model, data, ft_cfg, device, desc="finetune", state=state.stage("finetune"), teacher=teacher)
     seconds["finetune"] = time.perf_counter() - stage
     acc["finetuned"] = acc["pruned"] if not ft_history else {

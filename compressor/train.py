@@ -39,11 +39,6 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training model (dynamic=False; the last partial batch is dropped)
     distill: float = 0.0  # weight of the teacher's soft targets in the loss (0: plain cross-entropy)
     temperature: float = 4.0  # softens teacher and student logits in the distillation term
-    # One cosine over several fits: ``schedule_epochs`` long, this fit its epochs from ``schedule_start`` on.
-    # An equal-epochs study trains a criterion's steps and the fine-tuning as one schedule, so that a
-    # criterion that trains on its way is not also charged a learning-rate restart at every step.
-    schedule_epochs: int | None = None
-    schedule_start: int = 0
 
     def __post_init__(self):
         """Refuse numbers training cannot use (NaN and inf too) with one CompressorError, before any data is touched."""
@@ -60,12 +55,6 @@ class TrainConfig:
         number("TrainConfig.distill", self.distill, low=0, high=1)
         number("TrainConfig.temperature", self.temperature, low=0, low_open=True)
         choice("TrainConfig.schedule", self.schedule, SCHEDULES)
-        number("TrainConfig.schedule_epochs", self.schedule_epochs, integer=True, low=1, optional=True)
-        number("TrainConfig.schedule_start", self.schedule_start, integer=True, low=0)
-        if self.schedule_epochs is not None and self.schedule == "cosine":  # a one-cycle fit keeps its own
-            if self.schedule_start + self.epochs > self.schedule_epochs:
-                raise CompressorError(f"training epochs {self.schedule_start + 1}-{self.schedule_start + self.epochs}"
-                                      f" lie past the schedule's {self.schedule_epochs}")
         if not isinstance(self.compile, bool):
             raise CompressorError(f"TrainConfig.compile must be True or False, not {self.compile!r}")
 
@@ -201,11 +190,8 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
     if config.schedule == "onecycle" and total >= 8:  # OneCycleLR divides by its phase lengths: too few steps fail
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total, pct_start=0.25)
     else:
-        window = config.schedule_epochs if config.schedule == "cosine" else None
-        span = (window or config.epochs) * len(batches)  # this fit's own cosine, or its slice of a longer one
-        before = config.schedule_start * len(batches) if window else 0
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * (before + step) / span)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                      lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     hooks = hooks or TrainHooks()

@@ -160,19 +160,9 @@ def default_config(method: str) -> CriterionConfig:
     return config_class(method)()
 
 
-def train_config(request: PlanRequest, epochs: int, seed: int, schedule: str = "cosine",
-                 start: int = 0) -> TrainConfig:
-    """How a criterion trains on its way: the request's training settings, for ``epochs`` from ``seed``.
-
-    ``start``: the epochs the criterion trained before this fit. In an equal-epochs run
-    (``request.train.schedule_epochs``: the epochs after the dense model) the criterion's fits and
-    the fine-tuning are slices of one cosine, so ``start`` places this fit in it."""
-    window = request.train.schedule_epochs if schedule == "cosine" else None
-    if window is not None and start + epochs > window:
-        raise CompressorError(f"the criterion's training needs {start + epochs} epochs of its own, more than "
-                              f"--pruning-epochs {window}; give more epochs or fewer criterion steps")
-    return dataclasses.replace(request.train, epochs=epochs, seed=seed, schedule=schedule, schedule_epochs=window,
-                               schedule_start=start if window is not None else 0)
+def train_config(request: PlanRequest, epochs: int, seed: int, schedule: str = "cosine") -> TrainConfig:
+    """How a criterion trains on its way: the request's training settings, for ``epochs`` from ``seed``."""
+    return dataclasses.replace(request.train, epochs=epochs, seed=seed, schedule=schedule)
 
 
 def make_plan(method: str, request: PlanRequest, config: CriterionConfig | None = None) -> PruningPlan:

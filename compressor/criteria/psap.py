@@ -248,8 +248,8 @@ def psap(request: PlanRequest, config: PSAPConfig) -> PruningPlan:
         try:
             hooks = masking.hooks(graph, masks)
             hooks.stateful.append(watch)
-            training = train_config(request, step_epochs, request.seed + step, start=(step - 1) * step_epochs)
-            history = fit(model, request.data, training, request.device, desc=f"psap step {step}/{steps}", hooks=hooks,
+            history = fit(model, request.data, train_config(request, step_epochs, request.seed + step),
+                          request.device, desc=f"psap step {step}/{steps}", hooks=hooks,
                           state=request.stage(f"psap-step{step}"))
         finally:
             watch.close()

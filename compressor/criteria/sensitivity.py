@@ -183,9 +183,8 @@ def sensitivity(request: PlanRequest, config: SensitivityConfig) -> PruningPlan:
         origin = {g: [origin[g][i] for i in plan.keep.get(g, range(len(origin[g])))] for g in origin}
         apply(work, plan, x, graph=work_graph)
         if step < steps and step_epochs:
-            training = train_config(request, step_epochs, request.seed + step, start=(step - 1) * step_epochs)
-            fit(work, request.data, training, request.device, desc=f"step {step}",
-                state=request.stage(f"sensitivity-step{step}"))
+            fit(work, request.data, train_config(request, step_epochs, request.seed + step), request.device,
+                desc=f"step {step}", state=request.stage(f"sensitivity-step{step}"))
     _record(request, analyses[0], analyses)
     plan = PruningPlan({g: idx for g, idx in origin.items()})
     if step_epochs:  # the steps' training carries on into the result, as every other criterion's does

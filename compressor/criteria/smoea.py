@@ -365,8 +365,8 @@ def smoea(request: PlanRequest, config: SMOEAConfig) -> PruningPlan:
               f"{accuracy:.2%}, {evaluator.kept(genome):.3f} of {budget.metric}")
         del evaluator
         if b < len(blocks) - 1 and step_epochs > 0:
-            training = train_config(request, step_epochs, request.seed + b, start=b * step_epochs)
-            fit(model, request.data, training, device, desc=f"smoea block {b + 1}", hooks=masking.hooks(graph, masks),
+            fit(model, request.data, train_config(request, step_epochs, request.seed + b), device,
+                desc=f"smoea block {b + 1}", hooks=masking.hooks(graph, masks),
                 state=request.stage(f"smoea-block{b + 1}"))
         _save_state(folder, {"block": b + 1, "masks": masks, "fronts": fronts, "search": None, "settings": settings},
                     model)
