@@ -312,9 +312,10 @@ def _pct(x: float | None) -> str:
 
 def markdown(study: dict) -> str:
     d, cells = study["dense"], study["cells"]
+    ran_at = ", ".join(sorted({c["commit"] for c in cells if c.get("commit")})) or "none yet"  # not a cell that failed
     lines = [f"# compare: {study['model']} on {study['dataset']}", "",
              f"- command: `{' '.join(study['command'] or ['(Python API)'])}`",
-             f"- commit {study['commit']} (cells ran at {', '.join(sorted({str(c.get('commit')) for c in cells}))}), "
+             f"- commit {study['commit']} (cells ran at {ran_at}), "
              f"{study['device']}, {study['date']}",
              f"- dense model: {d.get('run') or d.get('checkpoint')}"
              + (f", {_pct(d['accuracy']['test'])}% test accuracy after {d['epochs']} epochs"
