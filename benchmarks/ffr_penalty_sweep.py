@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 from compressor.compare import compare, parse_budgets, parse_seeds
 from compressor.criteria.ffr import FFRConfig
 from compressor.files import write_json, write_text
 from compressor.pipeline import RunConfig
-from compressor.provenance import device_name, git_commit, versions
+from compressor.provenance import stamp
 from compressor.rundir import RunDir
 from compressor.train import pick_device
 
@@ -75,8 +74,7 @@ def main(argv=None) -> int:
             "pruned": mean([c["accuracy"]["pruned"] for c in cells]),
             "finetuned": mean([c["accuracy"]["finetuned"] for c in cells]),
         })
-    result = {"command": ["python", *sys.argv], "commit": git_commit(), "device": device_name(pick_device("auto")),
-              "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    result = {**stamp(["python", *sys.argv], pick_device("auto")),
               "dense": args.checkpoint, "dataset": args.dataset, "model": args.model, "budget": args.budget,
               "ffr_epochs": args.ffr_epochs, "pruning_epochs": args.pruning_epochs, "rows": rows}
     write_json(out / "ffr-penalty-sweep.json", result)

@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 from compressor.compare import compare, paired_difference, parse_budgets, parse_seeds
 from compressor.criteria.psap import PSAPConfig
 from compressor.files import write_json, write_text
 from compressor.pipeline import RunConfig
-from compressor.provenance import device_name, git_commit, versions
+from compressor.provenance import stamp
 from compressor.rundir import RunDir
 from compressor.train import pick_device
 
@@ -73,8 +72,7 @@ def main(argv=None) -> int:
                 "masked_z_p99": [z["p99"] for z in zs], "masked_z_max": [z["max"] for z in zs],
                 "masked_above_2": [z["above"]["2.0"] for z in zs], "masked": [z["masked"] for z in zs],
             })
-    result = {"command": ["python", *sys.argv], "commit": git_commit(), "device": device_name(pick_device("auto")),
-              "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    result = {**stamp(["python", *sys.argv], pick_device("auto")),
               "dense": args.checkpoint, "dataset": args.dataset, "model": args.model, "rows": rows}
     write_json(out / "psap-protection.json", result)
     write_text(out / "psap-protection.md", markdown(result))

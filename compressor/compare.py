@@ -21,7 +21,6 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 from . import criteria
@@ -29,7 +28,7 @@ from .budget import METRICS
 from .errors import CompressorError
 from .files import atomic_path, write_json, write_text
 from .pipeline import RunConfig, run
-from .provenance import device_name, git_commit, versions
+from .provenance import stamp
 from .rundir import RunDir
 
 REFERENCE = "l1"  # every method's difference is paired by seed with this one
@@ -289,9 +288,8 @@ def summarize(cells: list[dict], reference: str = REFERENCE) -> list[dict]:
 def write_study(out: Path, base: RunConfig, methods, budgets, seeds, dense: dict, cells: list[dict],
                 argv: list[str] | None) -> dict:
     rows = summarize(cells)
-    study = {"format": "compressor.compare/1", "command": argv, "date": datetime.now(timezone.utc).isoformat(
-        timespec="seconds"), "commit": git_commit(), "device": device_name(_device(base)), "versions": versions(),
-        "model": base.model, "dataset": base.dataset, "methods": methods, "budgets": [list(b) for b in budgets],
+    study = {"format": "compressor.compare/1", **stamp(argv, _device(base)), "model": base.model,
+        "dataset": base.dataset, "methods": methods, "budgets": [list(b) for b in budgets],
         "seeds": seeds, "pruning_epochs": base.pruning_epochs, "reference": REFERENCE, "dense": dense,
         "settings": {k: v for k, v in asdict(base).items() if k != "argv"}, "summary": rows, "cells": cells}
     write_json(out / "compare.json", study)

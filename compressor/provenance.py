@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -43,3 +44,9 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def stamp(command: list[str] | None, device: torch.device) -> dict:
+    """The fields every result file starts with: the command, the date (UTC), the commit, the device, the versions."""
+    return {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit(), "device": device_name(device), "versions": versions()}
