@@ -109,14 +109,14 @@ def _criterion_options(p) -> None:
         meta = f.metadata["option"]
         if len(owners) > 1:
             group = shared
-            defaults = "; ".join(f"{m} {o.default}" for m, o in owners)
+            defaults = "; ".join(f"{m} {criteria.shown_default(o)}" for m, o in owners)
             help_text = f"{meta['help']} (default: {defaults})"
         else:
             if method not in groups:
                 doc = (criteria.config_class(method).__doc__ or "").strip().splitlines()[0]
                 groups[method] = p.add_argument_group(f"{method} criterion", doc)
             group = groups[method]
-            help_text = f"{meta['help']} (default {f.default})"
+            help_text = f"{meta['help']} (default {criteria.shown_default(f)})"
         # text the config parses itself (levels) stays text: its check gives the one-line error
         kind = int if meta["integer"] else float if meta["low"] is not None or meta["high"] is not None else str
         group.add_argument(flag, dest=criteria.flag_dest(flag), type=kind, choices=meta["choices"],

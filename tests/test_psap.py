@@ -182,3 +182,15 @@ def test_a_group_given_more_channels_takes_back_the_most_wanted_masked_ones(smal
     assert scores[name][0] == float("inf")
     assert kept.min() >= 0 > masked.max()  # every kept channel outranks every masked one
     assert (torch.topk(masked, 2).indices + 1).tolist() == [2, 4]  # then the largest watched gradients
+
+
+def test_default_is_one_step_at_the_budget(small):
+    """One step by default (the Conv-4 / CIFAR-10 study's choice): it masks to the budget at once and trains once."""
+    request, _ = psap_request("conv4", small, fraction=0.5, metric="params")
+    dense = surgery.count(request.model, request.example_inputs)
+    plan = make_plan("psap", request)
+    report = request.report["psap"]
+    assert len(report["steps"]) == 1 and report["steps"][0]["target"] == pytest.approx(0.5)
+    assert request.train_epochs == 1
+    pruned = surgery.pruned_copy(request.model, plan, request.example_inputs)
+    assert abs(surgery.count(pruned, request.example_inputs).fraction_of(dense)["params"] - 0.5) <= 0.01

@@ -11,6 +11,7 @@ from compressor.budget import Budget
 from compressor.cli import main
 from compressor.criteria import PlanRequest, make_plan
 from compressor.criteria.sensitivity import SensitivityConfig, analyze, ratios_from
+from compressor.errors import CompressorError
 from compressor.train import TrainConfig, fit
 
 CPU = torch.device("cpu")
@@ -87,6 +88,20 @@ def test_budget_is_met(small, name, steps):
     kept = surgery.count(surgery.pruned_copy(model, plan, x), x).fraction_of(dense)["macs"]
     assert abs(kept - 0.5) <= 0.01
     assert len(request.report["sensitivity"].get("steps", [None])) == steps
+
+
+def test_default_is_two_steps_and_one_under_a_latency_budget(small):
+    """The default the Conv-4 / CIFAR-10 study chose (two steps), but one step where a latency budget needs it."""
+    default = SensitivityConfig()
+    assert default.steps_for("params") == default.steps_for("macs") == 2
+    assert default.steps_for("latency") == 1 and SensitivityConfig(steps=3).steps_for("params") == 3
+    default.check_budget("latency")  # the default adapts: no refusal
+    with pytest.raises(CompressorError, match="sensitivity in one step"):
+        SensitivityConfig(steps=2).check_budget("latency")
+    torch.manual_seed(0)
+    request = PlanRequest(models.create("conv4", 10, 3), small.example_inputs(), Budget("params", 0.5), data=small)
+    make_plan("sensitivity", request)
+    assert len(request.report["sensitivity"]["steps"]) == 2 and request.train_epochs == 1
 
 
 def test_analyze_command_writes_table_and_plot(tmp_path, capsys):

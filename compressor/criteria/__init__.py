@@ -33,16 +33,22 @@ CRITERIA = Registry("method")
 
 def option(default: Any, help: str, *, flag: str, low=None, high=None, low_open: bool = False,
            high_open: bool = False, integer: bool = False, optional: bool = False, choices: tuple | None = None,
-           cli: bool = True):
+           cli: bool = True, shown_default: str | None = None):
     """A criterion setting: its default, help, CLI flag and range, declared once where the criterion lives.
 
     Numbers are checked with :func:`compressor.checks.number` (so the API and the CLI refuse alike),
     names against ``choices``; a setting with neither (a list of levels) checks itself in its class's
     ``check``, which may accept the CLI's text. ``cli=False``: an API-only setting, no flag.
+    ``shown_default``: the help's words for a default worked out at run time (a ``None`` default).
     """
     meta = {"help": help, "flag": flag, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
-            "integer": integer, "optional": optional, "choices": choices, "cli": cli}
+            "integer": integer, "optional": optional, "choices": choices, "cli": cli, "shown_default": shown_default}
     return field(default=default, metadata={"option": meta})
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    """A setting's default as the help shows it."""
+    return f.metadata["option"]["shown_default"] or str(f.default)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch_pruning as tp
 
 from ..budget import global_widths, solve_widths
 from ..errors import CompressorError
@@ -51,6 +52,7 @@ from ..surgery import PRUNABLE_TYPES, Graph
 from ..train import TrainHooks, evaluate, fit
 from . import CriterionConfig, PlanRequest, option, register, train_config
 from .masking import carriers, channel_dim
+from .peers import tp_scores
 
 _BN = nn.modules.batchnorm._BatchNorm
 NEAR_ZERO = 1e-2  # of the layer's largest score: the issue's measure of structured sparsity
@@ -238,10 +240,14 @@ def regularised(model: nn.Module, length_weight: float, curvature_weight: float,
 
 
 def channel_scores(graph: Graph, score: str = "bn") -> dict[str, torch.Tensor]:
-    """Per group: mean |gamma| over its BatchNorms, or (``norm``, or no BatchNorm) the filters' L2 norm.
+    """Per group: mean |gamma| over its BatchNorms, or (``norm``, or no BatchNorm) the filters' L2 norm, or
+    (``group``) the L1 magnitude of every weight the channel's removal takes: its filter, its BatchNorm and the
+    next layers' input weights (Torch-Pruning's GroupMagnitudeImportance, p=1).
 
     Only the group's channels of each layer count (``masking.carriers``): a BatchNorm after a
     concatenation is wider than the group."""
+    if score == "group":
+        return tp_scores(graph, tp.importance.GroupMagnitudeImportance(p=1))
     scores = {}
     for group in graph.groups:
         weights = [c for c in carriers(graph, group) if c.tensor is c.module.weight]
@@ -271,7 +277,8 @@ class FFRConfig(CriterionConfig):
     curvature: float = option(0.01, "weight of the curvature term", flag="--ffr-curvature", low=0)
     warmup: float = option(1.0, "epochs over which the penalty ramps up", flag="--ffr-warmup", low=0)
     epochs: int = option(5, "epochs of regularised training", flag="--ffr-epochs", integer=True, low=0)
-    score: str = option("bn", "rank filters by BN scale or L2 norm", flag="--ffr-score", choices=("bn", "norm"))
+    score: str = option("bn", "rank channels by BN scale, filter L2 norm, or the L1 norm of the channel's whole "
+                        "dependency group", flag="--ffr-score", choices=("bn", "norm", "group"))
     floor: float = option(FLOOR, "no group ends narrower than this share of the width uniform pruning would give "
                           "it (0: no floor)", flag="--ffr-floor", low=0, high=1)
     compile: str = option("auto", "torch.compile the penalty (auto: on a GPU only; on a CPU it needs a C++ "

@@ -267,8 +267,8 @@ class SMOEAConfig(CriterionConfig):
     population: int = option(32, "candidates per generation", flag="--population", integer=True, low=4)
     generations: int = option(30, "generations per block", flag="--generations", integer=True, low=0)
     crossover: str = option("uniform", "crossover of two masks", flag="--crossover", choices=("uniform", "two-point"))
-    mutation: float | None = option(None, "bit-flip probability (default 1 / filters in the group)", flag="--mutation",
-                                    low=0, high=1, optional=True)
+    mutation: float | None = option(None, "bit-flip probability", flag="--mutation", low=0, high=1, optional=True,
+                                    shown_default="1 / filters in the group")
     objective: str = option("accuracy", "what the search maximises", flag="--objective", choices=("accuracy", "loss"))
     search_samples: int = option(2048, "validation images that score a candidate", flag="--search-samples",
                                  integer=True, low=1)
