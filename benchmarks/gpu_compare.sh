@@ -14,7 +14,8 @@
 # Settings by environment (defaults in brackets):
 #   DENSE_EPOCHS [100]  PRUNING_EPOCHS [40]  SEEDS [3]  BUDGETS [params:0.1656]
 #   METHODS [l1,random,tp-l1,tp-l1-global,tp-bn,tp-taylor,sensitivity,psap,ffr,smoea]
-#   CRITERION ["--ffr-epochs 10 --steps 3 --step-epochs 2 --group-size 2 --population 32 --generations 10"]
+#   CRITERION ["--group-size 2 --population 32 --generations 10"] (the other criteria at their defaults, which
+#   the Conv-4 CIFAR-10 study chose: FFR 1 regularised epoch, PSAP 1 step, sensitivity 2 steps)
 #   CHECKPOINT [] (a trained dense model instead of DENSE_EPOCHS of training)  BUDGET [480]  DEVICE [cuda]
 # A CPU dry run: DEVICE=cpu MODEL=conv4 DATASET=synthetic DENSE_EPOCHS=1 PRUNING_EPOCHS=2 SEEDS=2 \
 #   METHODS=l1,ffr CRITERION="--ffr-epochs 1" BUDGETS=params:0.3 benchmarks/gpu_compare.sh data /tmp/gpu-compare-dry
@@ -31,7 +32,7 @@ dataset=${DATASET:-cifar10}
 start=(--epochs "${DENSE_EPOCHS:-100}")
 [ -n "${CHECKPOINT:-}" ] && start=(--checkpoint "$CHECKPOINT")
 # shellcheck disable=SC2206
-criterion=(${CRITERION:---ffr-epochs 10 --steps 3 --step-epochs 2 --group-size 2 --population 32 --generations 10})
+criterion=(${CRITERION:---group-size 2 --population 32 --generations 10})
 timeout --signal=INT --kill-after=30 "${BUDGET:-480}" $py -m compressor compare --model "${MODEL:-vgg16}" \
   --dataset "$dataset" --data-dir "$data" --device "${DEVICE:-cuda}" \
   --methods "${METHODS:-l1,random,tp-l1,tp-l1-global,tp-bn,tp-taylor,sensitivity,psap,ffr,smoea}" \

@@ -81,3 +81,16 @@ def test_budget_is_met(small, name):
     assert abs(kept - 0.25) <= 0.01
     report = request.report["ffr"]
     assert report["history"][0]["ffr_length"] > 0 and 0 <= report["near_zero_share"]["all"] <= 1
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3])
+def test_group_score_without_penalty_or_floor_is_torch_prunings_global_group_l1(small, fraction):
+    """The default score ranks and allocates as the best peer does; the penalty epochs and the floor are FFR's own."""
+    torch.manual_seed(0)
+    model = models.create("vgg11", 10, 3)
+    x = small.example_inputs()
+    ffr_request = PlanRequest(model, x, Budget("params", fraction), data=small)
+    ffr_plan = make_plan("ffr", ffr_request, FFRConfig(epochs=0, floor=0))
+    peer_plan = make_plan("tp-l1-global", PlanRequest(model, x, Budget("params", fraction)))
+    assert FFRConfig().score == "group"
+    assert {g: list(k) for g, k in ffr_plan.keep.items()} == {g: list(k) for g, k in peer_plan.keep.items()}
