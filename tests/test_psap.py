@@ -169,6 +169,37 @@ def test_watched_gradient_of_a_masked_filter_drives_its_restoration(small):
     assert masking.widths(new) == masking.widths(masks)
 
 
+def test_gradient_watch_is_the_mean_absolute_input_gradient_and_skips_overflow_steps():
+    """The watch's one-pass L1 norm gives what grad.abs().mean() gives, per channel, averaged over steps,
+    and a step whose gradient is not finite (a grad scaler's overflow) is left out, as the optimizer skips it."""
+    torch.manual_seed(0)
+    model = models.create("conv4", 10, 3).train()
+    graph = surgery.trace(model, torch.randn(1, 3, 32, 32))
+    consumer = graph.module(graph.groups[1].name)  # reads the first group's channels, exactly
+    seen = []
+
+    def record(_module, args):
+        args[0].register_hook(lambda g: seen.append(g.clone()))
+
+    handle = consumer.register_forward_pre_hook(record)
+    watch = GradientWatch(graph)
+    for batch in (8, 5):  # a short last batch counts as one step, like any other
+        model(torch.randn(batch, 3, 32, 32)).square().sum().backward()
+    name = graph.groups[0].name
+    watch._add(name, torch.full_like(seen[0], float("inf")))  # an overflow step
+    watch.close()
+    handle.remove()
+    expected = sum(g.abs().mean((0, 2, 3)) for g in seen) / len(seen)
+    assert int(watch.steps[name]) == 2
+    torch.testing.assert_close(watch.mean()[name], expected)
+    saved = watch.state_dict()
+    again = GradientWatch(graph)
+    again.load_state_dict(saved)
+    again._add(name, seen[0])  # grows its own copy, not the saved one
+    again.close()
+    assert int(saved["steps"][name]) == 2 and int(again.steps[name]) == 3
+
+
 def test_a_group_given_more_channels_takes_back_the_most_wanted_masked_ones(small):
     graph = surgery.trace(models.create("conv4", 10, 3), small.example_inputs())
     name = graph.groups[1].name

@@ -98,7 +98,7 @@ class GradientWatch:
 
     def __init__(self, graph: Graph):
         self.sums = {g.name: torch.zeros(g.width) for g in graph.groups}
-        self.steps = {g.name: 0 for g in graph.groups}
+        self.steps = {g.name: torch.zeros((), dtype=torch.long) for g in graph.groups}
         self.handles = []
         for group in graph.groups:
             for name, side in group.members:
@@ -110,6 +110,7 @@ class GradientWatch:
 
     def _watch(self, group: str, width: int, index: torch.Tensor | None, dim: int):
         need = width if index is None else int(index.max()) + 1
+        identity = index is not None and torch.equal(index, torch.arange(width))
         on = {}  # the index on each device, moved once
 
         def pre(_module, args):
@@ -118,6 +119,9 @@ class GradientWatch:
                 return
             if x.shape[dim] != need if index is None else x.shape[dim] < need:
                 return
+            if identity and x.shape[dim] == width:  # the layer reads exactly the group: nothing to pick out
+                x.register_hook(lambda grad: self._add(group, grad, None, dim))
+                return
             if index is not None and x.device not in on:
                 on[x.device] = index.to(x.device)
             x.register_hook(lambda grad: self._add(group, grad, on.get(grad.device), dim))
@@ -125,23 +129,32 @@ class GradientWatch:
         return pre
 
     def _add(self, group: str, grad: torch.Tensor, index: torch.Tensor | None = None, dim: int = 1):
+        """Runs on every watched layer at every masked step, so it keeps to a few small kernels: the L1 norm
+        reads the activation gradient once, in fp32, without the full-size |grad| and fp32 copies that
+        ``grad.abs().float().mean(...)`` makes."""
         dim = dim % grad.dim()
-        g = grad.detach().abs().float().mean([d for d in range(grad.dim()) if d != dim])
+        others = [d for d in range(grad.dim()) if d != dim]
+        g = torch.linalg.vector_norm(grad.detach(), 1, others, dtype=torch.float32) / (grad.numel() // grad.shape[dim])
         if index is not None:
             g = g[index]
         finite = torch.isfinite(g).all()  # a grad scaler's overflow steps are skipped, here as in the optimizer
-        self.sums[group] = self.sums[group].to(g.device) + torch.where(finite, g, torch.zeros_like(g))
-        self.steps[group] = self.steps[group] + finite.long()  # a tensor: no device sync per step
+        if self.sums[group].device != g.device:  # moved once; later steps add in place
+            self.sums[group] = self.sums[group].to(g.device)
+        if self.steps[group].device != g.device:
+            self.steps[group] = self.steps[group].to(g.device)
+        self.sums[group].add_(torch.where(finite, g, 0.0))
+        self.steps[group].add_(finite)  # a tensor on the device: no sync per step
 
     def mean(self) -> dict[str, torch.Tensor]:
         return {n: s.cpu() / max(int(self.steps[n]), 1) for n, s in self.sums.items()}
 
     def state_dict(self) -> dict:
         """What the watch has seen, saved with the training progress so a resumed step protects the same."""
-        return {"sums": dict(self.sums), "steps": {n: torch.as_tensor(v) for n, v in self.steps.items()}}
+        return {"sums": dict(self.sums), "steps": dict(self.steps)}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.sums, self.steps = dict(state["sums"]), dict(state["steps"])
+    def load_state_dict(self, state: dict) -> None:  # copies: the sums and counts grow in place
+        self.sums = {n: s.clone() for n, s in state["sums"].items()}
+        self.steps = {n: torch.as_tensor(v, dtype=torch.long).clone() for n, v in state["steps"].items()}
 
     def close(self):
         for h in self.handles:
