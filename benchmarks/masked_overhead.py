@@ -1,7 +1,7 @@
 """Time per training step of PSAP's and SMOEA's masked training against a plain step, interleaved in one process.
 
 Usage: python benchmarks/masked_overhead.py [--model vgg16] [--shape 3,32,32] [--batch-size 128] [--device auto]
-       [--keep 0.5] [--rounds 5] [--steps 10] [--out NAME]
+       [--keep 0.5] [--rounds 5] [--steps 10] [--out PATH.json]
 
 Why: on an H100 a PSAP masked epoch took 4.3 s against 3.0 s plain (`gpu-cifar10-vgg16.md`). A masked
 step adds two things to a plain one: the masking hooks (hold the masked channels' gradients and
@@ -21,7 +21,7 @@ L1 norm. Rounds run the variants in turn, the order rotating each round, so that
 machine hits all; each variant's time is the median over rounds, and each ratio is the median of the
 per-round ratios to ``plain``. Each variant's ATen operator calls per step are counted too (torch.profiler,
 one step): on a GPU each is a kernel launch at least, so the count carries over where the CPU times do not.
-With --out, writes benchmarks/results/NAME.json.
+With --out PATH, writes the result there.
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -84,7 +83,7 @@ def aten_ops(make, one_step) -> int:
 
 
 class TwoPassWatch(GradientWatch):
-    """PSAP's gradient watch as it was before this script: |grad| and an fp32 copy of it in full, then the mean."""
+    """PSAP's gradient watch before 9de5090: |grad| and an fp32 copy of it in full, then the mean."""
 
     def _add(self, group, grad, index=None, dim=1):
         dim = dim % grad.dim()
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep", type=float, default=0.5, help="share of each group's channels kept (by L1 norm)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
-    p.add_argument("--out")
+    p.add_argument("--out", help="write the result here (a .json path)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     shape = tuple(int(v) for v in args.shape.split(","))
@@ -181,7 +180,7 @@ def main(argv=None) -> int:
     shown = ("device", "step_ms", "ratio_to_plain", "extra_aten_ops_per_step")
     print(json.dumps({k: result[k] for k in shown}, indent=2))
     if args.out:
-        write_json(Path(__file__).parent / "results" / f"{args.out}.json", result)
+        write_json(args.out, result)
     return 0
 
 
