@@ -196,8 +196,10 @@ def test_gradient_watch_is_the_mean_absolute_input_gradient_and_skips_overflow_s
     again = GradientWatch(graph)
     again.load_state_dict(saved)
     again._add(name, seen[0])  # grows its own copy, not the saved one
+    watch._add(name, seen[0])
     again.close()
-    assert int(saved["steps"][name]) == 2 and int(again.steps[name]) == 3
+    assert int(saved["steps"][name]) == 2 and int(again.steps[name]) == 3 == int(watch.steps[name])
+    torch.testing.assert_close(saved["sums"][name] / 2, expected)
 
 
 def test_a_group_given_more_channels_takes_back_the_most_wanted_masked_ones(small):

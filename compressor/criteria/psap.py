@@ -150,9 +150,10 @@ class GradientWatch:
 
     def state_dict(self) -> dict:
         """What the watch has seen, saved with the training progress so a resumed step protects the same."""
-        return {"sums": dict(self.sums), "steps": dict(self.steps)}
+        return {"sums": {n: s.clone() for n, s in self.sums.items()},  # copies: the sums and counts grow in place
+                "steps": {n: s.clone() for n, s in self.steps.items()}}
 
-    def load_state_dict(self, state: dict) -> None:  # copies: the sums and counts grow in place
+    def load_state_dict(self, state: dict) -> None:
         self.sums = {n: s.clone() for n, s in state["sums"].items()}
         self.steps = {n: torch.as_tensor(v, dtype=torch.long).clone() for n, v in state["steps"].items()}
 
