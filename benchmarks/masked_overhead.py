@@ -18,9 +18,10 @@ channel). This times each part on its own, so that the cost is found before it i
 
 Random inputs (the cost does not depend on the pixels); ``--keep`` of every group's channels kept by
 L1 norm. Rounds run the variants in turn, the order rotating each round, so that drift on a shared
-machine hits all; each variant's time is the median over rounds, and each ratio is the median of the
-per-round ratios to ``plain``. Each variant's ATen operator calls per step are counted too (torch.profiler,
-one step): on a GPU each is a kernel launch at least, so the count carries over where the CPU times do not.
+machine hits all; a round's time is the median of its steps, each variant's the median over rounds,
+and each ratio is the median of the per-round ratios to ``plain``. Each variant's ATen operator calls per
+step are counted too (torch.profiler, one step): on a GPU each is a kernel launch at least, so the count
+carries over where the CPU times do not.
 With --out PATH, writes the result there.
 """
 from __future__ import annotations
@@ -29,12 +30,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn as nn
 
 from compressor import models
+from compressor.bench.harness import time_calls
 from compressor.criteria import masking
 from compressor.criteria.psap import GradientWatch
 from compressor.files import write_json
@@ -144,21 +145,12 @@ def main(argv=None) -> int:
             hooks.after_step()
 
     def seconds_per_step(make) -> float:
+        """Median of ``--steps`` timed steps after 2 untimed ones (the bench harness: CUDA events on a GPU)."""
         hooks, close = make()
         try:
-            def one():
-                one_step(hooks)
-
-            for _ in range(2):
-                one()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                one()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return (time.perf_counter() - start) / args.steps
+            ms = time_calls(lambda: one_step(hooks), device, warmup=2, min_iters=args.steps, min_seconds=0.0,
+                            max_iters=args.steps)
+            return statistics.median(ms) / 1e3
         finally:
             if close is not None:
                 close()
