@@ -5,14 +5,21 @@ the weights: the spec names the model factory and the width of every prunable gr
 and loading calls that factory, cuts a fresh model to those widths through the same
 surgery, then loads the weights. ``torch.load(weights_only=True)`` reads the file, so no
 pickled code runs, and the file survives refactors that would break ``torch.save(model)``.
+
+The spec is data from the file, so it is checked before it is used: every field's type and
+size, and its factory through :func:`compressor.models.check_trusted` (a registered model, a
+torchvision classification builder, or one the caller trusts), before anything is imported.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -24,6 +31,7 @@ from .plan import PruningPlan
 from .surgery import autograd_on
 
 FORMAT = "compressor.checkpoint/1"
+MAX_INPUT_ELEMENTS = 1 << 26  # C x H x W of one image a spec may ask for (a 3 x 4096 x 4096 image fits)
 
 
 @dataclass
@@ -39,6 +47,58 @@ class ModelSpec:
 
     def example_inputs(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, *self.input_shape)
+
+    @classmethod
+    def from_dict(cls, data, where: str) -> "ModelSpec":
+        """A spec read from a file, every field checked; fields a newer writer added are ignored."""
+        if isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except ValueError as exc:
+                raise CheckpointError(f"{where}: the recorded model spec is not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{where}: the recorded model spec is not a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            spec = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise CheckpointError(f"{where}: the recorded model spec is incomplete ({exc})") from None
+        return spec.checked(where)
+
+    def checked(self, where: str) -> "ModelSpec":
+        """This spec, if every field has the type and size a model spec can have; else one clear error."""
+        def count(x, low=1, high=None):
+            return isinstance(x, int) and not isinstance(x, bool) and x >= low and (high is None or x <= high)
+
+        def numbers(x):
+            return isinstance(x, list) and 0 < len(x) <= 64 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in x)
+
+        problems = []
+        if not isinstance(self.model, str) or not self.model:
+            problems.append("model is not a name")
+        if not isinstance(self.factory_kwargs, dict):
+            problems.append("factory_kwargs is not an object")
+        shape = self.input_shape
+        if not (isinstance(shape, list) and len(shape) == 3 and all(count(d, 1, 1 << 16) for d in shape)
+                and math.prod(shape) <= MAX_INPUT_ELEMENTS):
+            problems.append(f"input_shape {shape!r} is not [C, H, W] of at most {MAX_INPUT_ELEMENTS} values")
+        if not count(self.num_classes, 1, 1 << 20):
+            problems.append(f"num_classes {self.num_classes!r} is not a positive whole number")
+        if not (isinstance(self.widths, dict) and all(isinstance(k, str) and count(v, 1, 1 << 20)
+                                                      for k, v in self.widths.items())):
+            problems.append("widths is not an object of positive whole numbers")
+        norm = self.normalization
+        if not (isinstance(norm, dict) and all(v is None or numbers(v) for k, v in norm.items()
+                                               if k in ("mean", "std"))):
+            problems.append("normalization is not {mean: [numbers], std: [numbers]}")
+        if not isinstance(self.dataset, str):
+            problems.append("dataset is not text")
+        if not (isinstance(self.classes, list) and all(isinstance(c, str) for c in self.classes)):
+            problems.append("classes is not a list of names")
+        if problems:
+            raise CheckpointError(f"{where}: the recorded model spec is malformed: {'; '.join(problems)}")
+        return self
 
 
 def spec_for(model: nn.Module, model_name: str, factory_kwargs: dict, input_shape, num_classes: int,
@@ -60,11 +120,24 @@ def save(model: nn.Module, spec: ModelSpec, path: str | os.PathLike) -> Path:
 def _payload(path: Path):
     """The file's contents, read without running pickled code."""
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
+        raise CheckpointError(f"no checkpoint at {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    with open(path, "rb") as f:
+        head = f.read(64)
+    # torch.save writes a zip archive (or, before torch 1.6, a pickle stream: protocol 2+ starts with 0x80);
+    # anything else is not one, whatever it is, and must not be reported as pickled objects
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        text = head.lstrip()
+        what = ("an empty file" if not head else
+                "a text file (JSON?)" if text[:1] in (b"{", b"[") else
+                "a text file" if all(32 <= b < 127 or b in b"\r\n\t" for b in head) else "binary data")
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint: it is {what}, not a file written by torch.save "
+                              "(compressor.save, or torch.save(model.state_dict(), path))")
     try:
         with autograd_on():  # tensors read under inference_mode would be inference tensors
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower() and "weights_only" not in str(exc).lower():
+            raise CheckpointError(f"{path} is a damaged PyTorch file ({str(exc).splitlines()[0][:200]})") from None
         raise CheckpointError(
             f"{path} holds pickled Python objects (a whole model saved with torch.save(model)?), which compressor "
             "does not unpickle because that runs arbitrary code; save the weights instead: "
@@ -79,22 +152,29 @@ def read(path: str | os.PathLike) -> tuple[ModelSpec, dict]:
     payload = _payload(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a compressor checkpoint (expected format {FORMAT!r})")
-    try:
-        spec = ModelSpec(**json.loads(payload["spec"]))
-    except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path} has a malformed architecture spec: {exc}") from None
-    return spec, payload["state_dict"]
+    if "spec" not in payload:
+        raise CheckpointError(f"{path} has no architecture spec")
+    spec = ModelSpec.from_dict(payload["spec"], str(path))
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{path} has no state_dict of named tensors")
+    return spec, state
 
 
-def build(spec: ModelSpec) -> nn.Module:
+def build(spec: ModelSpec, trusted_factories: Iterable[str] = ()) -> nn.Module:
     """A model with the spec's architecture and widths, with untrained weights.
+
+    The spec's factory must pass :func:`compressor.models.check_trusted` (``trusted_factories``:
+    the ``module:function`` names the caller trusts beyond the registry and torchvision).
 
     The spec lists the pruned model's groups. Surgery can split a dense group (a depthwise
     conv cut to one channel traces as a plain conv, the root of a new group), so widths
     of groups the dense model lacks are not cut but checked on the rebuilt model.
     """
     with autograd_on():  # works under torch.no_grad() / torch.inference_mode() too
-        model = models.build(spec.model, **spec.factory_kwargs)
+        model = models.build_trusted(spec.model, spec.factory_kwargs, trusted_factories,
+                                     where="the checkpoint's spec")
         x = spec.example_inputs()
         dense = surgery.trace(model, x)
         if spec.widths and spec.widths != dense.widths():
@@ -114,10 +194,15 @@ def build(spec: ModelSpec) -> nn.Module:
     return model
 
 
-def load(path: str | os.PathLike, with_spec: bool = False):
-    """Rebuild a (pruned) model from ``path``; with ``with_spec`` also return its :class:`ModelSpec`."""
+def load(path: str | os.PathLike, with_spec: bool = False, trusted_factories: Iterable[str] = ()):
+    """Rebuild a (pruned) model from ``path``; with ``with_spec`` also return its :class:`ModelSpec`.
+
+    A spec naming a factory outside the registry and torchvision's classification models is
+    refused before any import, unless it is in ``trusted_factories`` (``"module:function"``).
+    """
+    trusted_factories = models.trusted_names(trusted_factories)
     spec, state = read(path)
-    model = build(spec)
+    model = build(spec, trusted_factories)
     try:
         with autograd_on():
             model.load_state_dict(state, strict=True)
@@ -127,7 +212,8 @@ def load(path: str | os.PathLike, with_spec: bool = False):
     return (model, spec) if with_spec else model
 
 
-def load_for_run(path: str | os.PathLike, model_name: str, num_classes: int, in_channels: int):
+def load_for_run(path: str | os.PathLike, model_name: str, num_classes: int, in_channels: int,
+                 trusted_factories: Iterable[str] = ()):
     """``(model, spec)`` from a compressor checkpoint, or ``(model, None)`` from a plain state_dict.
 
     A plain ``torch.save(model.state_dict(), path)`` file holds no architecture, so it is
@@ -136,7 +222,7 @@ def load_for_run(path: str | os.PathLike, model_name: str, num_classes: int, in_
     path = Path(path)
     payload = _payload(path)
     if isinstance(payload, dict) and "format" in payload:
-        return load(path, with_spec=True)
+        return load(path, with_spec=True, trusted_factories=trusted_factories)
     return load_state_dict_into(path, payload, model_name, num_classes, in_channels), None
 
 

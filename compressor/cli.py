@@ -65,6 +65,13 @@ def _model_options(p) -> None:
     p.add_argument("--data-dir", help="where data sets live or download to (default ./data)")
     p.add_argument("--epochs", type=int, help="dense training epochs (default 15, or 0 with --checkpoint)")
     p.add_argument("--checkpoint", help="start from this trained checkpoint instead of training from scratch")
+    _trust_option(p)
+
+
+def _trust_option(p) -> None:
+    p.add_argument("--trust-factory", dest="trust_factories", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help="a model factory that a checkpoint (or a resumed run) may name and so have imported and "
+                        "called, beyond the registered models and torchvision's classification models; repeatable")
 
 
 def _training_options(p) -> None:
@@ -169,6 +176,11 @@ def _export_options(p) -> None:
                    help="onnx-int8: training images (fixed seed) that calibrate activation ranges (default 512)")
     g.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"],
                    help="onnx-int8: ONNX Runtime calibration method (default minmax)")
+    g.add_argument("--int8-scheme", default="s8s8-reduced", choices=["s8s8-reduced", "u8u8", "s8s8"],
+                   help="onnx-int8: 8-bit types. s8s8-reduced (default): int8 with 7-bit weights, which cannot "
+                        "saturate ONNX Runtime's kernels on x86 CPUs without VNNI and runs at s8s8's speed; u8u8: "
+                        "uint8 both, also portable, slower where VNNI is; s8s8: full int8 weights, saturates on "
+                        "x86 CPUs without VNNI (a trt int8 engine always uses s8s8)")
     g.add_argument("--no-accuracy", dest="accuracy", action="store_false",
                    help="skip each artifact's top-1 accuracy on the whole test split (measured by default)")
     g.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
@@ -226,6 +238,7 @@ def _export_parser(sub) -> None:
     p.add_argument("--formats", default="onnx", help=f"{','.join(FORMATS.names())} (default onnx)")
     p.add_argument("--out", help="output folder (default RUN_DIR/export)")
     p.add_argument("--data-dir", help="where the checkpoint's data set lives (for the verification batch)")
+    _trust_option(p)
     _export_options(p)
 
 
@@ -239,6 +252,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the bench.jsonl of an interrupted bench (same settings), skipping its points")
     p.add_argument("--overwrite", action="store_true", help="start afresh, replacing an earlier bench.jsonl")
+    _trust_option(p)
     _bench_options(p)
 
 
@@ -254,6 +268,7 @@ def _analyze_parser(sub) -> None:
                    help="must match the run's, to stay off its training images")
     p.add_argument("--seed", type=int, default=0, help="the run's seed (it fixes the validation split)")
     p.add_argument("--out", help="output folder (default: the run directory, or the checkpoint's folder)")
+    _trust_option(p)
 
 
 def cmd_analyze(args, _argv) -> None:
@@ -261,7 +276,8 @@ def cmd_analyze(args, _argv) -> None:
 
     config = SensitivityConfig(levels=args.levels, damage=args.damage)  # checked before any file is read
     analysis, paths = analyze_source(args.source, config, data_dir=args.data_dir, device=args.device,
-                                     val_fraction=args.val_fraction, seed=args.seed, out=args.out)
+                                     val_fraction=args.val_fraction, seed=args.seed, out=args.out,
+                                     trusted_factories=args.trust_factories)
     for path in paths:
         print(f"wrote {path}")
     for name, value in sorted(analysis["sensitiveness"].items(), key=lambda kv: -kv[1]):
@@ -271,6 +287,7 @@ def cmd_analyze(args, _argv) -> None:
 def _inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="print a checkpoint's architecture spec, MACs and parameters")
     p.add_argument("checkpoint")
+    _trust_option(p)
 
 
 def _export_kwargs(args) -> dict:
@@ -278,7 +295,8 @@ def _export_kwargs(args) -> dict:
                 simplify=args.onnx_simplify, min_batch=args.min_batch, opt_batch=args.opt_batch,
                 max_batch=args.max_batch, workspace_gib=args.workspace_gib, triton_repo=args.triton_repo,
                 accuracy=args.accuracy, calibration_images=args.calibration_images,
-                calibration_method=args.calibration_method, trt_int8=args.trt_int8)
+                calibration_method=args.calibration_method, trt_int8=args.trt_int8, int8_scheme=args.int8_scheme,
+                trusted_factories=args.trust_factories)
 
 
 def _bench_kwargs(args) -> dict:
@@ -286,7 +304,8 @@ def _bench_kwargs(args) -> dict:
     return dict(backends=args.backends, batch_sizes=args.batch_sizes, precision=args.precision, warmup=args.warmup,
                 min_iters=args.min_iters, min_seconds=args.min_seconds, rounds=args.rounds,
                 compile_mode=args.compile_mode, point_seconds=args.point_seconds, total_seconds=args.total_seconds,
-                resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False))
+                resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False),
+                trusted_factories=args.trust_factories)
 
 
 def cmd_run(args, argv) -> None:
@@ -315,7 +334,7 @@ def cmd_run(args, argv) -> None:
     formats = parse_formats(args.export)
     check_export(args.trt_precision, args.opset, args.min_batch, args.opt_batch, args.max_batch, args.workspace_gib,
                  calibration_images=args.calibration_images, calibration_method=args.calibration_method,
-                 trt_int8=args.trt_int8)
+                 trt_int8=args.trt_int8, int8_scheme=args.int8_scheme)
     check_bench(args.batch_sizes, args.warmup, args.min_iters, args.min_seconds)
     if args.bench:
         device = pick_device(args.device)
@@ -356,7 +375,7 @@ def cmd_bench(args, argv) -> None:
 def cmd_inspect(args, _argv) -> None:
     from . import checkpoint, surgery
 
-    model, spec = checkpoint.load(args.checkpoint, with_spec=True)
+    model, spec = checkpoint.load(args.checkpoint, with_spec=True, trusted_factories=args.trust_factories)
     cost = surgery.count(model, spec.example_inputs())
     print(json.dumps({"spec": asdict(spec), "macs": cost.macs, "params": cost.params}, indent=2))
 

@@ -29,12 +29,13 @@ from .errors import CompressorError
 from .files import atomic_path, write_json, write_text
 from .pipeline import RunConfig, run
 from .provenance import stamp
-from .rundir import RunDir
+from .rundir import RunDir, make_dir
 
 REFERENCE = "l1"  # every method's difference is paired by seed with this one
 FLOOR = "random"  # a criterion that ties random channels adds nothing: always a row
 SETTINGS = "compare-settings.json"
-_PER_CELL = ("method", "budget_metric", "budget", "criterion", "argv", "data_dir", "data_mode", "workers", "device")
+_PER_CELL = ("method", "budget_metric", "budget", "criterion", "argv", "data_dir", "data_mode", "workers", "device",
+             "trust_factories")
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,16 @@ def compare(base: RunConfig, methods: list[str], budgets: list[tuple[str, float]
 
 def _claim(out: Path, shared: dict) -> None:
     """A study directory belongs to one set of shared settings: a re-run continues it, another setting is refused."""
+    if out.exists() and not out.is_dir():
+        raise CompressorError(f"--out {out} exists and is not a directory")
     path = out / SETTINGS
     if path.is_file():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CompressorError(f"{path} is damaged ({exc}); choose another --out") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("criteria", {}), dict):
+            raise CompressorError(f"{path} does not hold a study's settings; choose another --out")
         differ = [f"--{k.replace('_', '-')} {shared.get(k)!r} (the study has {v!r})" for k, v in saved.items()
                   if shared.get(k) != v and k != "criteria"]
         differ += [f"{m}'s settings {c} (the study has {saved['criteria'][m]})"
@@ -161,7 +169,7 @@ def _claim(out: Path, shared: dict) -> None:
         return
     if out.exists() and any(out.iterdir()):
         raise CompressorError(f"{out} is not empty and holds no study ({SETTINGS}); choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     write_json(path, shared)
 
 
@@ -212,6 +220,14 @@ def _cell(base: RunConfig, cell: Cell, folder: Path, dense_ckpt: str, split_seed
 
 
 def _record(cell: Cell, m: dict, folder: Path, seconds: float) -> dict:
+    try:
+        return _fields(cell, m, folder, seconds)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CompressorError(f"{RunDir(folder).metrics} is not a finished run's record (no {exc}); delete the "
+                              "cell's folder to run it again") from None
+
+
+def _fields(cell: Cell, m: dict, folder: Path, seconds: float) -> dict:
     return {"cell": cell.name, "status": "complete", **asdict(cell), "run": str(folder),
             "accuracy": {"pruned": m["accuracy"]["pruned"]["test"], "finetuned": m["accuracy"]["finetuned"]["test"],
                          "finetuned_val": m["accuracy"]["finetuned"]["val"]},

@@ -22,7 +22,7 @@ from .errors import CompressorError
 from .files import write_json, write_text
 from .provenance import device_name, git_commit, versions  # noqa: F401  (re-exported for old callers)
 from .resume import STATE_DIR, RunState
-from .rundir import RunDir
+from .rundir import RunDir, make_dir
 from .train import TrainConfig, evaluate, fit, pick_device, resolve_defaults
 
 TRAINING_DEFAULTS = ("batch_size", "lr", "finetune_lr", "label_smoothing", "compile")  # None: chosen by device
@@ -72,6 +72,9 @@ class RunConfig:
     latency_batch: int = 1
     latency_cache: str | None = None  # default $COMPRESSOR_LATENCY_CACHE or ~/.cache/compressor/latency
     latency_step: int | None = None  # table grid step in channels (default --round-to)
+    # model factories ("module:function") a checkpoint or a resumed run's settings may name beyond the registry
+    # and torchvision's classification models (models.check_trusted); --model itself is always trusted
+    trust_factories: list[str] = field(default_factory=list)
     argv: list[str] = field(default_factory=list)
 
     def validate(self) -> RunConfig:
@@ -83,6 +86,10 @@ class RunConfig:
         from .checks import choice, number
         from .train import SCHEDULES
 
+        bad = [f for f in self.trust_factories if not isinstance(f, str) or f.count(":") != 1 or f.startswith(":")
+               or f.endswith(":")]
+        if bad:
+            raise CompressorError(f"--trust-factory takes 'module.path:function', not {bad[0]!r}")
         number("--epochs", self.epochs, integer=True, low=0, optional=True)
         number("--finetune-epochs", self.finetune_epochs, integer=True, low=0)
         number("--pruning-epochs", self.pruning_epochs, integer=True, low=0, optional=True)
@@ -125,9 +132,13 @@ def default_out(config: RunConfig) -> Path:
     return Path("runs") / f"{model}-{config.dataset}-{config.method}-{config.budget_metric}{config.budget:g}-{stamp}"
 
 
+def _trusted(config: RunConfig) -> list[str]:
+    """The factories a file may name in this run: --trust-factory's, and --model's own (the user typed it)."""
+    return [*config.trust_factories, *([config.model] if ":" in config.model else [])]
+
+
 def prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise CompressorError(f"--out {out} exists and is not a directory")
+    make_dir(out)  # now, not after training: a directory that cannot be made stops the run here
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise CompressorError(f"run directory {out} is not empty; pass --overwrite or choose another --out")
@@ -144,6 +155,7 @@ def run(config: RunConfig) -> dict:
     config.validate()  # every number and name, before any data is read or any epoch is spent
     t0 = time.perf_counter()
     saved_config = None
+    trusted = _trusted(config)  # the command's own --model is the user's to run
     if distributed.restarted():  # torchrun's elastic agent restarted the workers: go on, don't redo
         config = replace(config, resume=True)
     if distributed.launched() and not config.out:
@@ -159,6 +171,9 @@ def run(config: RunConfig) -> dict:
             print(f"--resume: nothing saved in {config.out}; starting the run from the beginning")
         else:
             config = _resumed(config, saved_config)
+            models.check_trusted(config.model, trusted, where=f"the interrupted run's settings "
+                                                              f"({Path(config.out) / STATE_DIR / RUN_JSON})")
+            config.validate()  # the saved settings are a file's words: checked like the command line's
     # Fail fast on names and numbers, before any data is read or any epoch is spent.
     budget = latency.budget_from(config.budget_metric, config.budget, config.latency_backend, config.latency_batch,
                                  config.latency_cache, config.latency_step)
@@ -222,7 +237,8 @@ def _run(config: RunConfig, out: Path, state: RunState, budget: Budget, device: 
 
     if config.checkpoint:
         # a compressor checkpoint carries its architecture; a plain state_dict is for --model
-        model, spec = checkpoint.load_for_run(config.checkpoint, config.model, data.num_classes, data.input_shape[0])
+        model, spec = checkpoint.load_for_run(config.checkpoint, config.model, data.num_classes, data.input_shape[0],
+                                              trusted_factories=_trusted(config))
         if spec is None:
             model_name = config.model
             kwargs = models.factory_kwargs(model_name, data.num_classes, data.input_shape[0])
@@ -339,7 +355,7 @@ def _run(config: RunConfig, out: Path, state: RunState, budget: Budget, device: 
 
 
 RUN_JSON = "run.json"
-_NOT_SETTINGS = ("resume", "overwrite", "argv", "out", "workers")
+_NOT_SETTINGS = ("resume", "overwrite", "argv", "out", "workers", "trust_factories")
 
 
 def _comparable(config: RunConfig) -> dict:
@@ -352,9 +368,12 @@ def _saved_config(out: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
+        saved = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
         raise CompressorError(f"{path} is damaged ({exc}); start the run afresh with --overwrite") from None
+    if not isinstance(saved, dict):
+        raise CompressorError(f"{path} does not hold a run's settings; start the run afresh with --overwrite")
+    return saved
 
 
 def _resumed(config: RunConfig, saved: dict) -> RunConfig:
@@ -372,7 +391,11 @@ def _resumed(config: RunConfig, saved: dict) -> RunConfig:
             clashes.append(f"--{name.replace('_', '-')} {now} (the run had {was})")
         merged[name] = was
     if merged.get("criterion") is not None:
-        merged["criterion"] = criteria.config_class(saved["method"])(**merged["criterion"])
+        try:
+            merged["criterion"] = criteria.config_class(saved["method"])(**merged["criterion"])
+        except (TypeError, KeyError) as exc:
+            raise CompressorError(f"--resume: the interrupted run's saved criterion settings do not fit this "
+                                  f"version of compressor ({exc}); start the run afresh with --overwrite") from None
     if clashes:
         raise CompressorError("--resume continues the interrupted run with its own settings; these differ: "
                               + "; ".join(clashes))

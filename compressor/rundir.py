@@ -9,6 +9,7 @@ The pipeline, export, bench and compare find those files here, never by spelling
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,11 +53,14 @@ class RunDir:
     def read_metrics(self) -> dict:
         """The finished run's metrics, or one clear error."""
         try:
-            return json.loads(self.metrics.read_text())
+            metrics = json.loads(self.metrics.read_text())
         except FileNotFoundError:
             raise CompressorError(f"{self.path} holds no finished run (no metrics.json)") from None
-        except ValueError as exc:
+        except (ValueError, UnicodeDecodeError) as exc:
             raise CompressorError(f"{self.metrics} is damaged: {exc}") from None
+        if not isinstance(metrics, dict):
+            raise CompressorError(f"{self.metrics} does not hold a run's metrics (a JSON object)")
+        return metrics
 
     def update_metrics(self, key: str, value) -> None:
         """Set ``metrics.json[key]`` (export adds its results), atomically; nothing if the run is unfinished."""
@@ -64,3 +68,20 @@ class RunDir:
 
         if self.finished():
             write_json(self.metrics, self.read_metrics() | {key: value})
+
+
+def make_dir(path, flag: str = "--out") -> Path:
+    """Create the output folder ``path`` (and its parents), or one clear error saying why it cannot be."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise CompressorError(f"{flag} {path} exists and is not a directory")
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise CompressorError(f"{flag} {path} cannot be created: {blocker} is a file, not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # too long a name, a read-only file system, no permission, ...
+        raise CompressorError(f"{flag} {path} cannot be created ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CompressorError(f"{flag} {path} is not writable by this user")
+    return path

@@ -30,91 +30,36 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from . import models, selftest
+from .artifacts import (  # noqa: F401  (sidecar_path, write_metadata, write_self_test: re-exported)
+    KINDS,
+    SELF_TEST_KEY,
+    read_onnx_metadata,
+    sidecar_path,
+    write_metadata,
+    write_self_test,
+)
+from .artifacts import read_sidecar as _read_sidecar
 from .checkpoint import ModelSpec
 from .errors import CompressorError
-from .files import write_json
 
 DEFAULT_MAX_BATCH = 256  # where the artifact sets no limit (a checkpoint, a foreign ONNX): as `--max-batch`
-KINDS = {".pt": "checkpoint", ".pth": "checkpoint", ".onnx": "onnx", ".engine": "tensorrt", ".plan": "tensorrt",
-         ".pt2": "aoti"}
-
-
-def sidecar_path(path) -> Path:
-    """``model.pt2`` -> ``model.pt2.json``; the same rule as the TensorRT exporter's."""
-    path = Path(path)
-    return path.with_suffix(path.suffix + ".json")
-
-
+INPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 def spec_to_dict(spec: ModelSpec) -> dict:
     return dataclasses.asdict(spec)
 
 
 def spec_from_dict(data, where: str) -> ModelSpec:
-    """A ModelSpec from its JSON form; fields a newer writer added are ignored."""
-    if isinstance(data, str):
-        try:
-            data = json.loads(data)
-        except ValueError as exc:
-            raise CompressorError(f"{where}: the recorded model spec is not JSON ({exc})") from None
-    known = {f.name for f in dataclasses.fields(ModelSpec)}
-    if not isinstance(data, dict):
-        raise CompressorError(f"{where}: the recorded model spec is not an object")
-    try:
-        return ModelSpec(**{k: v for k, v in data.items() if k in known})
-    except TypeError as exc:
-        raise CompressorError(f"{where}: the recorded model spec is incomplete ({exc})") from None
-
-
-def write_metadata(path, spec: ModelSpec, max_batch: int | None = None) -> Path:
-    """Record ``spec`` (and the batch limit) in or beside the artifact ``path``, as :func:`load` reads it.
-
-    ONNX: ``metadata_props`` ``compressor.spec`` / ``compressor.max_batch`` (other entries kept).
-    ``.pt2`` / ``.engine``: merged into the JSON sidecar ``<artifact>.json`` as ``spec`` (and
-    ``max_batch`` if the sidecar has none: a TensorRT profile's own limit is never overwritten).
-    """
-    path = Path(path)
-    kind = KINDS.get(path.suffix.lower())
-    if not path.is_file():
-        raise CompressorError(f"no artifact at {path}")
-    if kind == "onnx":
-        from .export import onnx
-
-        props = {onnx.SPEC_KEY: json.dumps(spec_to_dict(spec))}
-        if max_batch is not None:
-            props[onnx.MAX_BATCH_KEY] = str(int(max_batch))
-        onnx.write_metadata(path, props)
-    elif kind in ("aoti", "tensorrt"):
-        side = sidecar_path(path)
-        info = _read_sidecar(path) or {}
-        info["spec"] = spec_to_dict(spec)
-        if max_batch is not None:
-            info.setdefault("max_batch", int(max_batch))
-        write_json(side, info)
-    elif kind == "checkpoint":
-        pass  # a checkpoint holds its spec already
-    else:
-        raise CompressorError(f"cannot record metadata for {path.name}: unknown artifact suffix")
-    return path
-
-
-def _read_sidecar(path) -> dict | None:
-    side = sidecar_path(path)
-    if not side.is_file():
-        return None
-    try:
-        data = json.loads(side.read_text())
-    except (OSError, ValueError) as exc:
-        raise CompressorError(f"{side} is not readable JSON ({exc}); delete it or re-export") from None
-    if not isinstance(data, dict):
-        raise CompressorError(f"{side} does not hold a JSON object; delete it or re-export")
-    return data
+    """A ModelSpec from its JSON form, every field checked; fields a newer writer added are ignored."""
+    return ModelSpec.from_dict(data, where)
 
 
 def _device(device) -> torch.device:
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise CompressorError(f"unknown device {device!r} ({exc}); use 'cpu' or 'cuda'") from None
+    except (RuntimeError, TypeError):
+        raise CompressorError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N' (N = 0, 1, ...: a GPU's "
+                              "index)") from None
     if dev.type not in ("cpu", "cuda"):
         raise CompressorError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), not {device!r}")
     if dev.type == "cuda":
@@ -141,6 +86,8 @@ class Runtime:
     """
 
     kind: str = ""
+    recorded_self_test: dict | None = None  # the export's self-test, run by load() (compressor.selftest)
+    self_test: dict | None = None  # what it gave on this machine
 
     def __init__(self, path: Path, device: torch.device, spec: ModelSpec | None, max_batch: int,
                  input_shape=None, num_classes: int | None = None, min_batch: int = 1,
@@ -218,6 +165,8 @@ class Runtime:
                                       "normalisation, or pass normalised float input")
         elif not x.dtype.is_floating_point:
             raise CompressorError(f"images must be uint8 (pixels) or float, not {str(x.dtype).removeprefix('torch.')}")
+        elif not bool(torch.isfinite(x).all()):
+            raise CompressorError("images hold NaN or infinite values")
         x = x.to(self.device)
         if raw:
             if self.spec is None:
@@ -257,10 +206,10 @@ def _as_tensor(images) -> torch.Tensor:
 class CheckpointRuntime(Runtime):
     kind = "checkpoint"
 
-    def __init__(self, path: Path, device: torch.device, max_batch: int | None):
+    def __init__(self, path: Path, device: torch.device, max_batch: int | None, trusted_factories=()):
         from . import checkpoint
 
-        model, spec = checkpoint.load(path, with_spec=True)
+        model, spec = checkpoint.load(path, with_spec=True, trusted_factories=trusted_factories)
         self.model = model.to(device).eval()
         super().__init__(path, device, spec, max_batch or DEFAULT_MAX_BATCH)
 
@@ -279,8 +228,14 @@ class OnnxRuntime(Runtime):
 
         from .export import onnx as onnx_export
 
-        meta = onnx_export.read_metadata(path)
+        meta = read_onnx_metadata(path)
         spec = spec_from_dict(meta[onnx_export.SPEC_KEY], path.name) if onnx_export.SPEC_KEY in meta else None
+        if SELF_TEST_KEY in meta:
+            try:
+                self.recorded_self_test = json.loads(meta[SELF_TEST_KEY])
+            except ValueError:
+                raise CompressorError(f"{path.name}: its self-test record is not JSON; re-export it, or load it "
+                                      "with --skip-self-test") from None
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
@@ -353,8 +308,12 @@ class AOTIRuntime(Runtime):
             raise CompressorError(f"{path.name} was compiled for {compiled_for}, so it runs only there: load it with "
                                   f"device='{torch.device(compiled_for).type}' (or export one for {device.type})")
         spec = spec_from_dict(info["spec"], path.name) if info.get("spec") else None
+        self.recorded_self_test = info.get("self_test")
         shape = info.get("input_shape")
-        dtype = getattr(torch, str(info.get("dtype", "float32")), torch.float32)
+        dtype = INPUT_DTYPES.get(str(info.get("dtype", "float32")))
+        if dtype is None:
+            raise CompressorError(f"{path.name}: its metadata names input dtype {info.get('dtype')!r}; expected one "
+                                  f"of {', '.join(INPUT_DTYPES)}")
         try:
             self.model = aoti.AOTIModel(path, device_index=device.index if device.type == "cuda" else -1)
         except CompressorError:
@@ -383,6 +342,7 @@ class TensorRTRuntime(Runtime):
         from .export import tensorrt
 
         info = _read_sidecar(path) or {}
+        self.recorded_self_test = info.get("self_test")
         self.model = tensorrt.TensorRTModel(path, device)
         low, high = self.model.batch_range
         spec = spec_from_dict(info["spec"], path.name) if info.get("spec") else None
@@ -411,13 +371,25 @@ def _limit(path: Path, artifact_max, wanted) -> int:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", max_batch: int | None = None,
-         threads: int | None = None) -> Runtime:
+         threads: int | None = None, trusted_factories=(), self_test: bool = True) -> Runtime:
     """Open the artifact at ``path`` on ``device`` as a :class:`Runtime` (see the module's docstring).
 
     ``max_batch`` lowers the artifact's own batch limit (default: the limit it was exported with,
     else {DEFAULT_MAX_BATCH}); ``threads`` sets ONNX Runtime's intra-op threads. Works under
-    ``torch.inference_mode()`` and ``torch.no_grad()``.
+    ``torch.inference_mode()`` and ``torch.no_grad()``. ``trusted_factories``: model factories
+    (``"module:function"``) a checkpoint may name beyond the registry and torchvision's classification
+    models. ``self_test``: run the inputs the export recorded and refuse an artifact that answers
+    otherwise on this machine (see :mod:`compressor.selftest`).
+
+    What loading trusts: a ``.pt`` checkpoint and an ONNX file are data (no code of the file's
+    choosing runs); a ``.pt2`` AOTInductor package and a TensorRT engine are native code compiled
+    by whoever made them, so load only those you built or trust.
     """
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise CompressorError(f"an artifact's path is a file name, not {path!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+        raise CompressorError(f"threads must be a whole number >= 0 (0: ONNX Runtime's own choice), not {threads!r}")
+    trusted_factories = models.trusted_names(trusted_factories)
     path = Path(path)
     kind = KINDS.get(path.suffix.lower())
     if kind is None:
@@ -427,12 +399,17 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", max_batch:
         raise CompressorError(f"no {kind} artifact at {path}" + (" (it is a directory)" if path.is_dir() else ""))
     dev = _device(device)
     if kind == "checkpoint":
-        return CheckpointRuntime(path, dev, _limit(path, None, max_batch) if max_batch is not None else None)
+        return CheckpointRuntime(path, dev, _limit(path, None, max_batch) if max_batch is not None else None,
+                                 trusted_factories)
     if kind == "onnx":
-        return OnnxRuntime(path, dev, max_batch, threads)
-    if kind == "aoti":
-        return AOTIRuntime(path, dev, max_batch)
-    return TensorRTRuntime(path, dev, max_batch)
+        loaded = OnnxRuntime(path, dev, max_batch, threads)
+    elif kind == "aoti":
+        loaded = AOTIRuntime(path, dev, max_batch)
+    else:
+        loaded = TensorRTRuntime(path, dev, max_batch)
+    if self_test:
+        loaded.self_test = selftest.run(loaded, loaded.recorded_self_test)
+    return loaded
 
 
 load.__doc__ = load.__doc__.replace("{DEFAULT_MAX_BATCH}", str(DEFAULT_MAX_BATCH))

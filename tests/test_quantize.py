@@ -63,9 +63,10 @@ def test_int8_keeps_accuracy_within_tolerance(trained, synthetic, tmp_path):
     assert abs(split_accuracy(model, synthetic) - fp32_accuracy) < 1e-9
 
 
-def test_qdq_nodes_and_per_channel_conv_weights(trained, tmp_path):
+@pytest.mark.parametrize("scheme, dtype, zero", [("s8s8", np.int8, 0), ("u8u8", np.uint8, 128)])
+def test_qdq_nodes_and_per_channel_conv_weights(trained, tmp_path, scheme, dtype, zero):
     _, fp32, images = trained
-    proto = onnx_lib.load(str(quantize.quantize(fp32, tmp_path / "int8.onnx", images)))
+    proto = onnx_lib.load(str(quantize.quantize(fp32, tmp_path / "int8.onnx", images, scheme=scheme)))
     ops = [n.op_type for n in proto.graph.node]
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     init = {t.name: t for t in proto.graph.initializer}
@@ -77,12 +78,14 @@ def test_qdq_nodes_and_per_channel_conv_weights(trained, tmp_path):
         assert dq.op_type == "DequantizeLinear"
         weight = numpy_helper.to_array(init[dq.input[0]])
         scale = numpy_helper.to_array(init[dq.input[1]])
-        assert weight.dtype == np.int8 and scale.shape == (weight.shape[0],)
+        assert weight.dtype == dtype and scale.shape == (weight.shape[0],)
         assert all(a.i == 0 for a in dq.attribute if a.name == "axis")
-        assert not np.any(numpy_helper.to_array(init[dq.input[2]])) if len(dq.input) > 2 else True  # symmetric
+        if len(dq.input) > 2:  # symmetric: the zero point is the type's middle
+            assert np.all(numpy_helper.to_array(init[dq.input[2]]).astype(int) == zero)
     summary = quantize.describe(tmp_path / "int8.onnx")
     assert summary["quantize_linear"] > 0 and len(summary["per_channel_weights"]) >= 2
     assert "per-channel" in summary["setting"] and "minmax" in summary["setting"] and "256 images" in summary["setting"]
+    assert f"scheme {scheme}" in summary["setting"]
 
 
 def test_metadata_is_copied(trained, tmp_path):
@@ -183,6 +186,8 @@ def test_export_records_int8_and_accuracy_of_every_artifact(run_dir, capsys):
     assert json.loads((run_dir / "metrics.json").read_text())["export"]["onnx-int8"]["accuracy"] == int8["accuracy"]
     fp32_props = {p.key: p.value for p in onnx_lib.load(results["onnx"]["path"]).metadata_props}
     int8_props = {p.key: p.value for p in onnx_lib.load(int8["path"]).metadata_props}
+    own = "compressor.self_test"  # each artifact's own answers (compressor.selftest), not copied
+    assert json.loads(fp32_props.pop(own))["kind"] == "onnx" and json.loads(int8_props.pop(own))["kind"] == "onnx-int8"
     assert fp32_props.items() <= int8_props.items()  # the spec the runtime loader reads comes along
     assert "test accuracy" in capsys.readouterr().out
 

@@ -17,7 +17,6 @@ does them next time.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -30,6 +29,7 @@ from typing import Callable
 import torch
 
 from .. import checkpoint, surgery
+from ..artifacts import sha256
 from ..checks import number
 from ..errors import CompressorError
 from ..files import failpoint, write_json, write_text
@@ -89,14 +89,6 @@ def _checkpoint(run_dir: RunDir, model: str) -> Path:
 def _artifacts(run_dir: RunDir) -> Path:
     """Where the backends' builds (ONNX files, AOTI packages, engines) go."""
     return run_dir.bench_artifacts
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -159,6 +151,7 @@ class Journal:
             if header is None:
                 raise CompressorError(f"{path} has no settings line; pass --overwrite to start afresh")
             saved = header.get("settings", {})
+            saved = saved if isinstance(saved, dict) else {"settings": saved}
             diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
             if header.get("format") != FORMAT or diff:
                 shown = "; ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
@@ -183,10 +176,14 @@ class Journal:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if not isinstance(entry, dict):
+                continue  # not a line this journal writes
             if entry.get("type") == "settings" and header is None:
                 header = entry
-            elif entry.get("type") == "point":
-                points.append(entry)
+            elif entry.get("type") == "point" and all(isinstance(entry.get(k), (str, int)) and
+                                                      not isinstance(entry.get(k), bool)
+                                                      for k in ("backend", "precision", "batch")):
+                points.append(entry)  # a point without its key fields is not one of ours: timed again
         return header, points
 
     def _truncate_partial_line(self) -> None:
@@ -216,7 +213,7 @@ def bench(run_dir: str | Path, backends: str | None = None, batch_sizes: str | l
           precision: str | list[str] = "fp32", device: str = "auto", warmup: int = 10, min_iters: int = 30,
           min_seconds: float = 1.0, argv: list[str] | None = None, *, rounds: int = 10,
           compile_mode: str = "default", point_seconds: float = 60.0, total_seconds: float | None = None,
-          resume: bool = False, overwrite: bool = False,
+          resume: bool = False, overwrite: bool = False, trusted_factories=(),
           clock: Callable[[], float] = time.perf_counter) -> dict:
     """Benchmark a run's dense and pruned models; returns what ``bench.json`` holds.
 
@@ -235,9 +232,10 @@ def bench(run_dir: str | Path, backends: str | None = None, batch_sizes: str | l
     invocation_started = clock()
     settings = {"device": device_name(dev), "warmup": warmup, "min_iters": min_iters, "min_seconds": min_seconds,
                 "rounds": rounds, "compile_mode": compile_mode,
-                "checkpoints": {name: _sha256(path) for name, path in checkpoints.items()}}
+                "checkpoints": {name: sha256(path) for name, path in checkpoints.items()}}
     journal = Journal(run_dir.bench_jsonl, settings, resume, overwrite, argv)
-    loaded = {name: checkpoint.load(path, with_spec=True) for name, path in checkpoints.items()}
+    loaded = {name: checkpoint.load(path, with_spec=True, trusted_factories=trusted_factories)
+              for name, path in checkpoints.items()}
     spec = loaded["dense"][1]
     example = spec.example_inputs()
     costs = {name: surgery.count(model, example) for name, (model, _) in loaded.items()}

@@ -205,7 +205,7 @@ def sensitivity(request: PlanRequest, config: SensitivityConfig) -> PruningPlan:
 
 
 def analyze_source(source, config: SensitivityConfig | None = None, data_dir=None, device="auto",
-                   val_fraction: float = 0.1, seed: int = 0, out=None) -> tuple[dict, list]:
+                   val_fraction: float = 0.1, seed: int = 0, out=None, trusted_factories=()) -> tuple[dict, list]:
     """``compress analyze``: the sensitivity table and plot of a trained model (a run directory's dense.pt, or
     a checkpoint), on the validation split that ``val_fraction`` and ``seed`` cut (the run's own, to stay off
     its training images). Returns the analysis and the files written (next to the source, or in ``out``)."""
@@ -221,7 +221,7 @@ def analyze_source(source, config: SensitivityConfig | None = None, data_dir=Non
     number("--seed", seed, integer=True, low=0, high=2**32 - 1)
     source = Path(source)
     ckpt = RunDir(source).dense if source.is_dir() else source
-    model, spec = checkpoint.load(ckpt, with_spec=True)
+    model, spec = checkpoint.load(ckpt, with_spec=True, trusted_factories=trusted_factories)
     data = datasets.load(spec.dataset, data_dir, val_fraction, seed)
     device = pick_device(device)
     model.to(device)

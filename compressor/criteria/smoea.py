@@ -253,8 +253,17 @@ def _load_state(folder: Path) -> tuple[dict, dict]:
     """The saved state and the weights it names, or one clear error."""
     try:
         state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
-        return state, torch.load(folder / state["weights"], map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, or not a torch file: say which and stop
+        raise CompressorError(f"cannot read the smoea state in {folder}: {e}") from None
+    weights = state.get("weights") if isinstance(state, dict) else None
+    block = state.get("block") if isinstance(state, dict) else None
+    # the state names its weights file; only the name this code writes for its block is read (no other path)
+    if not isinstance(block, int) or isinstance(block, bool) or weights != WEIGHTS.format(block=block):
+        raise CompressorError(f"the smoea state in {folder} is not one this code wrote (weights file {weights!r}); "
+                              "delete it to redo the search")
+    try:
+        return state, torch.load(folder / weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
         raise CompressorError(f"cannot read the smoea state in {folder}: {e}") from None
 
 

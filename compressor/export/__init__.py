@@ -21,6 +21,7 @@ import torch
 
 from ..errors import CompressorError
 from ..registry import Registry
+from ..selftest import cpu_features
 
 FORMATS = Registry("export format")
 
@@ -62,12 +63,20 @@ def require(names: list[str], options=None) -> None:
             info["check"](options)
 
 
+# int8 logits may differ from PyTorch's by this share of the largest logit: quantization costs a few
+# percent; kernels that saturate cost tens of percent before they flip an answer
+INT8_MAX_RELATIVE_DIFF = 0.15
+
+
 @torch.no_grad()
-def verify(reference: torch.Tensor, candidate: torch.Tensor, min_agreement: float = 0.99, what: str = "export") -> dict:
+def verify(reference: torch.Tensor, candidate: torch.Tensor, min_agreement: float = 0.99, what: str = "export",
+           max_relative_diff: float | None = None) -> dict:
     """Compare an exported model's logits with PyTorch's on the same batch.
 
     Disagreement on top-1 above the tolerance is an error, not a warning: an artifact
-    that answers differently is not the model that was pruned and measured.
+    that answers differently is not the model that was pruned and measured. With
+    ``max_relative_diff``, logits further than that share of PyTorch's largest |logit| are an
+    error too: int8 kernels that saturate shift every logit before they flip an answer.
     """
     reference, candidate = reference.float().cpu(), candidate.float().cpu()
     if reference.shape != candidate.shape:
@@ -75,15 +84,23 @@ def verify(reference: torch.Tensor, candidate: torch.Tensor, min_agreement: floa
                               f"differs from PyTorch's {tuple(reference.shape)}")
     result = {
         "max_abs_diff": float((reference - candidate).abs().max()),
+        "max_relative_diff": float((reference - candidate).abs().max() / reference.abs().max().clamp_min(1e-6)),
         "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).float().mean()),
         "batch": int(reference.shape[0]),
     }
-    print(f"{what}: max |diff| {result['max_abs_diff']:.3g}, top-1 agreement {result['top1_agreement']:.2%} "
-          f"on {result['batch']} images")
+    print(f"{what}: max |diff| {result['max_abs_diff']:.3g} ({result['max_relative_diff']:.1%} of the largest "
+          f"logit), top-1 agreement {result['top1_agreement']:.2%} on {result['batch']} images")
     if result["top1_agreement"] < min_agreement:
         raise CompressorError(
             f"{what} disagrees with PyTorch on {1 - result['top1_agreement']:.1%} of top-1 answers "
             f"(tolerance {1 - min_agreement:.1%}); the artifact is not trustworthy"
+        )
+    if max_relative_diff is not None and result["max_relative_diff"] > max_relative_diff:
+        raise CompressorError(
+            f"{what}'s logits are off PyTorch's by up to {result['max_relative_diff']:.1%} of the largest logit "
+            f"(tolerance {max_relative_diff:.0%}), though top-1 agrees on {result['top1_agreement']:.1%}; the "
+            f"artifact is not trustworthy on this CPU ({cpu_features()}). int8 kernels for signed weights "
+            "saturate on x86 CPUs without VNNI: use --int8-scheme s8s8-reduced (the default) or u8u8"
         )
     return result
 

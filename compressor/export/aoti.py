@@ -19,17 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..artifacts import sidecar_path
 from ..errors import CompressorError
 from ..files import atomic_path, write_json
 
 SIDECAR_FORMAT = "compressor.aoti/1"
 META_PREFIX = "compressor."  # keys of ours in the package's AOTI metadata
-
-
-def sidecar_path(package_path) -> Path:
-    """``model.pt2`` -> ``model.pt2.json`` (the TensorRT sidecar's convention)."""
-    package_path = Path(package_path)
-    return package_path.with_suffix(package_path.suffix + ".json")
 
 
 def export(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tensor, device: str = "cpu",

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import write_metadata
 from ..errors import CompressorError
-from . import FORMATS
+from . import FORMATS, INT8_MAX_RELATIVE_DIFF
 
 
 def _on(device, runner):
@@ -26,7 +27,6 @@ def _on(device, runner):
 @FORMATS.register("onnx", order=10, triton="onnx",
                   help="ONNX (fp32, or fp16 with --onnx-fp16), checked with ONNX Runtime")
 def onnx_format(job) -> None:
-    from ..runtime import write_metadata
     from . import onnx
 
     o = job.options
@@ -55,12 +55,17 @@ def onnx_int8_format(job) -> None:
     for_trt = "trt" in job.names and o.precision == "int8"  # TensorRT: zero points of 0, no int32 bias Q/DQ
     images = quantize.calibration_images(job.data, o.calibration_images, o.calibration_seed)
     path = quantize.quantize(onnx_path, job.out / f"{job.stem}-int8.onnx", images, o.calibration_method,
-                             tensorrt=for_trt)
-    job.check("onnx-int8", path, lambda: onnx.OnnxRuntimeModel(path, "cpu"), o.int8_min_agreement)
+                             tensorrt=for_trt, scheme=o.int8_scheme)
+    job.check("onnx-int8", path, lambda: onnx.OnnxRuntimeModel(path, "cpu"), o.int8_min_agreement,
+              max_relative_diff=INT8_MAX_RELATIVE_DIFF)
     graph = quantize.describe(path)
+    scheme = "s8s8" if for_trt else o.int8_scheme
+    activations, weights, reduce_range = ({"QInt8": "int8", "QUInt8": "uint8"}.get(t, t) if isinstance(t, str) else t
+                                          for t in quantize.SCHEMES[scheme])
     job.results["onnx-int8"] |= {
-        "from": onnx_path.name, "format": "QDQ", "weights": "int8, per-channel, symmetric",
-        "activations": f"int8, {'symmetric' if for_trt else 'asymmetric'}",
+        "from": onnx_path.name, "format": "QDQ", "scheme": scheme,
+        "weights": f"{weights}{' (7-bit range)' if reduce_range else ''}, per-channel, symmetric",
+        "activations": f"{activations}, {'symmetric' if for_trt else 'asymmetric'}",
         "biases": "float" if for_trt else "int32",
         "calibration": {"method": o.calibration_method, "images": int(images.shape[0]), "split": "train",
                         "seed": o.calibration_seed},
@@ -72,7 +77,6 @@ def onnx_int8_format(job) -> None:
 
 @FORMATS.register("aoti", order=30, help="AOTInductor package (.pt2) for this machine's GPU, or its CPU")
 def aoti_format(job) -> None:
-    from ..runtime import write_metadata
     from . import aoti
 
     o = job.options
@@ -100,7 +104,6 @@ def _trt_check(options) -> None:
                   help="TensorRT engine (--trt-precision fp32/fp16/int8; NVIDIA GPU and TensorRT only)")
 def trt_format(job) -> None:
     from ..data import DeviceBatches
-    from ..runtime import write_metadata
     from . import onnx, tensorrt
 
     o = job.options
@@ -120,7 +123,8 @@ def trt_format(job) -> None:
                                    source_sha256=job.results["source_sha256"])
     write_metadata(engine, job.spec, o.max_batch)  # the spec in the engine's sidecar, for compressor.runtime.load
     job.check("trt", engine, lambda: _on("cuda", tensorrt.TensorRTModel(engine)),
-              o.int8_min_agreement if o.precision == "int8" else o.min_agreement, limit=o.max_batch)
+              o.int8_min_agreement if o.precision == "int8" else o.min_agreement, limit=o.max_batch,
+              max_relative_diff=INT8_MAX_RELATIVE_DIFF if o.precision == "int8" else None)
     job.results["trt"] |= {"precision": o.precision, "onnx": Path(onnx_path).name}
     if o.precision == "int8":
         job.results["trt"]["int8"] = o.trt_int8

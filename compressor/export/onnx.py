@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..artifacts import MAX_BATCH_KEY, SPEC_KEY, read_onnx_metadata, write_onnx_metadata  # noqa: F401
 from ..checks import number
 from ..errors import CompressorError
 from ..files import atomic_path
@@ -28,8 +29,6 @@ from ..files import atomic_path
 INPUT, OUTPUT = "input", "logits"
 MIN_OPSET = 17
 EXPORTER_KEY = "compressor.exporter"  # metadata: which torch exporter wrote the file ("torchscript" or "dynamo")
-SPEC_KEY = "compressor.spec"  # metadata: the checkpoint's ModelSpec as JSON (compressor.runtime reads it)
-MAX_BATCH_KEY = "compressor.max_batch"  # metadata: the largest batch the artifact is meant for (decimal)
 
 
 def max_opset() -> int:
@@ -141,30 +140,8 @@ def exporter_of(path: str | os.PathLike) -> str | None:
     return next((p.value for p in proto.metadata_props if p.key == EXPORTER_KEY), None)
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """An ONNX file's ``metadata_props`` as a dict (weights in external files are not read)."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf's parse errors have many types
-        raise CompressorError(f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})") from None
-    return {p.key: p.value for p in proto.metadata_props}
-
-
-def write_metadata(path: str | os.PathLike, props: dict[str, str]) -> None:
-    """Add (or replace) ``metadata_props`` entries of an existing ONNX file, atomically; the rest is kept."""
-    import onnx
-
-    path = Path(path)
-    try:
-        proto = onnx.load(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise CompressorError(f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})") from None
-    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
-                                        **{str(k): str(v) for k, v in props.items()}})
-    with atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
+read_metadata = read_onnx_metadata  # one implementation, in compressor.artifacts
+write_metadata = write_onnx_metadata
 
 
 def _simplify(proto):

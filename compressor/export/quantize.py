@@ -14,9 +14,19 @@ and with 128 quantized bins that leaves one candidate threshold, the full range,
 "entropy" would be min-max), and handed to ``quantize_static`` as per-tensor ``rmin``/``rmax``
 overrides (``TensorQuantOverrides``, documented in its ``extra_options``).
 
+Which 8-bit types (:data:`SCHEMES`): ONNX Runtime's x86 kernels multiply uint8 activations by
+int8 weights with ``vpmaddubsw``, whose 16-bit pair sums (up to 2 x 255 x 127) saturate on CPUs
+without VNNI; a file checked on a VNNI machine can then answer wrongly on an AVX2 server (ONNX
+Runtime's quantization docs describe this). ``s8s8-reduced`` (the default) keeps int8 but
+quantizes weights to 7 bits (``reduce_range``): 2 x 255 x 64 fits in 16 bits, so no CPU
+saturates, at int8's speed. ``u8u8`` (uint8 both) takes kernels without that saturation too, but
+ran slower than fp32 on a VNNI CPU here. ``s8s8`` (full int8 weights) is what TensorRT needs and
+what VNNI and ARM dot-product CPUs run exactly; it saturates on x86 CPUs without VNNI.
+``benchmarks/results/cpu-cifar10-conv4-int8-schemes*.md`` has the measurements.
+
 The same file serves ONNX Runtime on a CPU and TensorRT's explicit quantization. TensorRT
 accepts only symmetric quantization (zero points of 0) and int8 (not int32) Q/DQ, so
-``tensorrt=True`` writes symmetric activations and keeps biases in float (``QuantizeBias``
+``tensorrt=True`` writes int8 symmetric activations and keeps biases in float (``QuantizeBias``
 off); ``compress export`` does so whenever an int8 TensorRT engine is asked for.
 
 The fp32 file's ``metadata_props`` (the model spec that the runtime loader reads) are copied
@@ -47,12 +57,17 @@ HISTOGRAM_BINS = 2048  # entropy and percentile: histogram resolution of each ac
 QUANTIZED_BINS = 128  # entropy: the int8 half-range that candidate thresholds are judged at (TensorRT's choice)
 PERCENTILE = 99.999  # percentile: share of each activation's values that the range keeps
 QUANTIZATION_KEY = "compressor.quantization"  # metadata: how the int8 file was made
+# scheme -> (activation type, weight type, reduce_range); see the module's docstring
+SCHEMES = {"u8u8": ("QUInt8", "QUInt8", False), "s8s8": ("QInt8", "QInt8", False),
+           "s8s8-reduced": ("QInt8", "QInt8", True)}
+DEFAULT_SCHEME = "s8s8-reduced"
 
 
-def check_options(images=DEFAULT_IMAGES, method=DEFAULT_METHOD) -> None:
+def check_options(images=DEFAULT_IMAGES, method=DEFAULT_METHOD, scheme=DEFAULT_SCHEME) -> None:
     """Refuse a bad calibration setting with one clear error, before anything is loaded."""
     number("--calibration-images", images, integer=True, low=1)
     choice("--calibration-method", method, METHODS)
+    choice("--int8-scheme", scheme, tuple(SCHEMES))
 
 
 def calibration_images(data, count: int = DEFAULT_IMAGES, seed: int = 0) -> torch.Tensor:
@@ -132,7 +147,7 @@ def _quiet():
 
 def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, images: torch.Tensor,
              method: str = DEFAULT_METHOD, per_channel: bool = True, tensorrt: bool = False,
-             preprocess: bool = True, histogram_bins: int = HISTOGRAM_BINS) -> Path:
+             preprocess: bool = True, histogram_bins: int = HISTOGRAM_BINS, scheme: str = DEFAULT_SCHEME) -> Path:
     """Write ``out_path``: ``fp32_path`` statically quantized to int8 (QDQ), calibrated on ``images``.
 
     ``images`` are float32 NCHW, already normalised (see :func:`calibration_images`). The file
@@ -140,6 +155,7 @@ def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, images: 
     and how it was quantized is recorded under ``compressor.quantization``. ``tensorrt``: symmetric
     activations and float biases, as TensorRT's explicit quantization needs. ``histogram_bins``:
     resolution of the entropy and percentile histograms (entropy's cost grows with its square).
+    ``scheme``: the 8-bit types, one of :data:`SCHEMES` (``tensorrt`` forces ``s8s8``).
     """
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -147,6 +163,10 @@ def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, images: 
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     calibrate = _method(method)
+    choice("--int8-scheme", scheme, tuple(SCHEMES))
+    if tensorrt:
+        scheme = "s8s8"  # TensorRT's explicit quantization: int8, zero points of 0
+    activations, weights, reduce_range = SCHEMES[scheme]
     number("histogram_bins", histogram_bins, integer=True, low=2 * QUANTIZED_BINS)
     if not fp32_path.is_file():
         raise CompressorError(f"no ONNX file at {fp32_path}")
@@ -163,7 +183,9 @@ def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, images: 
     metadata = {p.key: p.value for p in source.metadata_props}
     detail = {"minmax": "", "entropy": f" ({histogram_bins} bins)",
               "percentile": f" ({PERCENTILE}%, {histogram_bins} bins)"}[method]
-    setting = (f"static QDQ, int8 weights per-{'channel' if per_channel else 'tensor'} symmetric, int8 activations "
+    bits = {"QInt8": "int8", "QUInt8": "uint8"}
+    setting = (f"static QDQ, scheme {scheme}: {bits[weights]}{' 7-bit' if reduce_range else ''} weights "
+               f"per-{'channel' if per_channel else 'tensor'} symmetric, {bits[activations]} activations "
                f"{'symmetric' if tensorrt else 'asymmetric'}, {'float' if tensorrt else 'int32'} biases, "
                f"{method}{detail} calibration on {images.shape[0]} images")
 
@@ -191,8 +213,8 @@ def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, images: 
                     calibrate = _method("minmax")  # quick; every activation's range is overridden
                 quantize_static(
                     str(model_in), str(tmp), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calibrate,
-                    extra_options=extra,
+                    activation_type=getattr(QuantType, activations), weight_type=getattr(QuantType, weights),
+                    calibrate_method=calibrate, reduce_range=reduce_range, extra_options=extra,
                 )
         except CompressorError:
             raise
@@ -220,7 +242,7 @@ def describe(path: str | os.PathLike) -> dict:
             continue
         weight = init[node.input[0]]
         scale = numpy_helper.to_array(init[node.input[1]]) if node.input[1] in init else None
-        if weight.data_type == onnx.TensorProto.INT8 and scale is not None and scale.size > 1:
+        if weight.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and scale is not None and scale.size > 1:
             per_channel.append(node.input[0])
     return {
         "quantize_linear": sum(n.op_type == "QuantizeLinear" for n in nodes),

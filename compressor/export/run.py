@@ -7,7 +7,6 @@ is kept is then scored on the whole test split (top-1 accuracy, beside PyTorch's
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +15,14 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .. import checkpoint
+from .. import checkpoint, selftest
 from .. import data as datasets
+from ..artifacts import sha256, write_self_test
 from ..checks import choice, number
 from ..data import DeviceBatches
 from ..errors import CompressorError
 from ..files import write_json
-from ..rundir import RunDir
+from ..rundir import RunDir, make_dir
 from . import FORMATS, build_order, parse_formats, require, verify
 
 EXPORT_JSON = RunDir("").export_json.name  # what an export folder holds beside its artifacts
@@ -41,18 +41,10 @@ def _source(path: Path) -> tuple[Path, RunDir | None]:
     return path, None
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_options(precision: str = "fp16", opset: int = 17, min_batch: int = 1, opt_batch: int = 32,
                   max_batch: int = 256, workspace_gib: float = 4.0, verify_batch: int = 256,
                   min_agreement: float = 0.99, calibration_images: int = 512, calibration_method: str = "minmax",
-                  int8_min_agreement: float = 0.95, trt_int8: str = "qdq") -> None:
+                  int8_min_agreement: float = 0.95, trt_int8: str = "qdq", int8_scheme: str = "s8s8-reduced") -> None:
     """Refuse a bad export number (NaN and inf too) with one clear error, before anything is loaded.
 
     ``compress run --export`` calls this before training, ``export`` before reading its checkpoint.
@@ -69,7 +61,7 @@ def check_options(precision: str = "fp16", opset: int = 17, min_batch: int = 1, 
     check_profile(min_batch, opt_batch, max_batch)
     number("--workspace-gib", workspace_gib, low=0, low_open=True)
     number("min_agreement", min_agreement, low=0, high=1)
-    quantize.check_options(calibration_images, calibration_method)
+    quantize.check_options(calibration_images, calibration_method, int8_scheme)
     number("int8_min_agreement", int8_min_agreement, low=0, high=1)
     choice("--trt-int8", trt_int8, INT8_SOURCES)
 
@@ -100,6 +92,7 @@ class Options:
     calibration_seed: int = 0
     int8_min_agreement: float = 0.95
     trt_int8: str = "qdq"
+    int8_scheme: str = "s8s8-reduced"
 
 
 @dataclass
@@ -120,20 +113,27 @@ class Job:
     artifacts: dict[str, Path] = field(default_factory=dict)  # format -> its file, for the formats built from it
 
     def check(self, fmt: str, path: Path, load: Callable[[], Callable], tolerance: float | None = None,
-              limit: int | None = None) -> None:
+              limit: int | None = None, max_relative_diff: float | None = None) -> None:
         """Verify the artifact at ``path`` (deleted if it fails), then score it on the test split.
 
         ``load()`` gives a callable from a float CPU tensor to logits; ``tolerance`` is the least
         top-1 agreement (default ``options.min_agreement``), ``limit`` the most rows of the
-        verification batch the artifact takes at once.
+        verification batch the artifact takes at once, ``max_relative_diff`` the most its logits may
+        differ from PyTorch's, as a share of the largest one (int8: :data:`compressor.export.INT8_MAX_RELATIVE_DIFF`).
         """
         tolerance = self.options.min_agreement if tolerance is None else tolerance
         try:
             run = load()  # float CPU tensor in, logits out
             rows = slice(None, limit)
+            got = run(self.x[rows])
             self.results[fmt] = {"path": str(path), "min_agreement": tolerance,
-                                 "verification": verify(self.reference[rows], run(self.x[rows]), tolerance,
-                                                        f"{fmt} ({path.name})")}
+                                 "verification": verify(self.reference[rows], got, tolerance, f"{fmt} ({path.name})",
+                                                        max_relative_diff)}
+            # the clearest of those answers travel with the artifact: runtime.load re-runs them where it is served
+            record = selftest.make(self.x[rows], self.reference[rows], got, tolerance, fmt)
+            if record is not None:
+                write_self_test(path, record)
+                self.results[fmt]["self_test"] = {"images": record["count"], "exported_on": record["exported_on"]}
         except Exception:
             path.unlink(missing_ok=True)
             raise
@@ -149,7 +149,8 @@ def export(source: str | Path, formats: str = "onnx", out: str | Path | None = N
            min_batch: int = 1, opt_batch: int = 32, max_batch: int = 256, workspace_gib: float = 4.0,
            triton_repo: str | Path | None = None, verify_batch: int = 256, min_agreement: float = 0.99,
            accuracy: bool = True, calibration_images: int = 512, calibration_method: str = "minmax",
-           calibration_seed: int = 0, int8_min_agreement: float = 0.95, trt_int8: str = "qdq") -> dict:
+           calibration_seed: int = 0, int8_min_agreement: float = 0.95, trt_int8: str = "qdq",
+           int8_scheme: str = "s8s8-reduced", trusted_factories=()) -> dict:
     """Export ``source`` (a run directory or a checkpoint) to ``formats``; returns what export.json holds.
 
     ``onnx-int8`` is the fp32 ONNX statically quantized by ONNX Runtime (QDQ, per-channel int8
@@ -158,21 +159,25 @@ def export(source: str | Path, formats: str = "onnx", out: str | Path | None = N
     ``min_agreement``). An int8 TensorRT engine is built from that Q/DQ file (``trt_int8="qdq"``)
     or, on TensorRT 10 only, from the fp32 ONNX with the implicit calibrator (``"calibrator"``).
     With ``accuracy``, every artifact's top-1 accuracy on the whole test split is measured and
-    stored beside the PyTorch model's.
+    stored beside the PyTorch model's. ``int8_scheme``: the 8-bit types of ``onnx-int8``
+    (:data:`compressor.export.quantize.SCHEMES`; the default answers alike on every x86 CPU).
+    ``trusted_factories``: model factories the checkpoint may name beyond the registry and torchvision.
+    Every artifact records a self-test (:mod:`compressor.selftest`) that ``runtime.load`` re-runs.
     """
     names = parse_formats(formats)
     if not names:
         raise CompressorError(f"no export format given; use --export {','.join(FORMATS.names())}")
     check_options(precision, opset, min_batch, opt_batch, max_batch, workspace_gib, verify_batch, min_agreement,
-                  calibration_images, calibration_method, int8_min_agreement, trt_int8)
+                  calibration_images, calibration_method, int8_min_agreement, trt_int8, int8_scheme)
     options = Options(precision, opset, onnx_fp16, simplify, min_batch, opt_batch, max_batch, workspace_gib,
                       min_agreement, calibration_images, calibration_method, calibration_seed, int8_min_agreement,
-                      trt_int8)
+                      trt_int8, int8_scheme)
     plan = build_order(names, options)  # what was asked for, and what it is built from
     require(plan, options)  # stop before any work when TensorRT or a GPU is missing, or options clash
     ckpt, run_dir = _source(Path(source))
     out = Path(out) if out else (run_dir.export_dir if run_dir else ckpt.parent / f"{ckpt.stem}-export")
-    model, spec = checkpoint.load(ckpt, with_spec=True)
+    make_dir(out)
+    model, spec = checkpoint.load(ckpt, with_spec=True, trusted_factories=trusted_factories)
     data = datasets.load(spec.dataset, data_dir, val_fraction=0.0)
     x, _ = next(iter(DeviceBatches(data, "test", verify_batch, "cpu")))
     with torch.no_grad():

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import sidecar_path
 from ..errors import CompressorError
 from ..files import atomic_path, write_json
 
@@ -141,11 +142,6 @@ def onnx_types(onnx_path) -> tuple[bool, bool]:
     fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for g in graphs for n in g.node)
     return fp16, qdq
-
-
-def sidecar_path(engine_path) -> Path:
-    engine_path = Path(engine_path)
-    return engine_path.with_suffix(engine_path.suffix + ".json")
 
 
 def build_engine(onnx_path, engine_path, *, precision: str = "fp16", min_batch: int = 1, opt_batch: int = 32,
