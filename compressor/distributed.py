@@ -59,8 +59,39 @@ def setup(device: torch.device) -> torch.device:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    timeout = timedelta(minutes=30)
+    store = _restart_scoped_store(timeout)
+    if store is None:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     return device
+
+
+def _restart_scoped_store(timeout: timedelta):
+    """torchrun's store with a key space of this restart's own, or None to let torch make the store.
+
+    torchrun's elastic agent hosts the store the ranks meet in (MASTER_ADDR:MASTER_PORT,
+    ``TORCHELASTIC_USE_AGENT_STORE=True``) and keeps that one store across its restarts, while
+    ``init_process_group`` uses the same keys in every round. So a restarted rank can read a key the
+    previous round left: gloo's "0" and "1" hold each rank's listening address, and a rank that
+    reads its peer's old one either connects to a dead port ("connectFullMesh failed ... Connection
+    refused") or waits for a connection that never comes (both sides decide to listen) until the
+    timeout. docs/torchrun.md has the evidence and docs/torchrun_restart_repro.py a reproduction.
+    Keys under ``attempt_<TORCHELASTIC_RESTART_COUNT>/`` are new in each round, as torch's own env://
+    rendezvous made them up to 2.3 (pytorch/pytorch#135712 is the same bug with NCCL). The count is
+    the same on every rank only when one agent restarts them all: one node (``--standalone``, or any
+    job whose ranks are all local). Across nodes each agent counts for itself, so there torch's own
+    store is left alone; launch with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` there (docs/torchrun.md).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None  # not torchrun's shared store: each round gets a store of its own
+    if os.environ.get("LOCAL_WORLD_SIZE") != os.environ.get("WORLD_SIZE"):
+        return None  # several nodes: their restart counts can differ
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def quiet_others() -> None:
