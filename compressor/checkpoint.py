@@ -109,9 +109,12 @@ def spec_for(model: nn.Module, model_name: str, factory_kwargs: dict, input_shap
     return ModelSpec(model_name, dict(factory_kwargs), list(input_shape), int(num_classes), widths, **extra)
 
 
-def save(model: nn.Module, spec: ModelSpec, path: str | os.PathLike) -> Path:
+def save(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, self_test: dict | None = None) -> Path:
+    """Write ``model`` with its ``spec``; ``self_test`` (:func:`compressor.selftest.make`) rides along as JSON."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "spec": json.dumps(asdict(spec)), "state_dict": state}
+    if self_test is not None:
+        payload["self_test"] = json.dumps(self_test)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
@@ -148,7 +151,16 @@ def _payload(path: Path):
 
 
 def read(path: str | os.PathLike) -> tuple[ModelSpec, dict]:
-    path = Path(path)
+    spec, state, _ = _read(Path(path))
+    return spec, state
+
+
+def recorded_self_test(path: str | os.PathLike) -> dict | None:
+    """The self-test a checkpoint carries (None for one saved without), as JSON data."""
+    return _read(Path(path))[2]
+
+
+def _read(path: Path) -> tuple[ModelSpec, dict, dict | None]:
     payload = _payload(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a compressor checkpoint (expected format {FORMAT!r})")
@@ -159,7 +171,13 @@ def read(path: str | os.PathLike) -> tuple[ModelSpec, dict]:
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise CheckpointError(f"{path} has no state_dict of named tensors")
-    return spec, state
+    record = payload.get("self_test")
+    if record is not None:
+        try:
+            record = json.loads(record)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{path}: its self-test record is not JSON") from None
+    return spec, state, record
 
 
 def build(spec: ModelSpec, trusted_factories: Iterable[str] = ()) -> nn.Module:
@@ -200,8 +218,14 @@ def load(path: str | os.PathLike, with_spec: bool = False, trusted_factories: It
     A spec naming a factory outside the registry and torchvision's classification models is
     refused before any import, unless it is in ``trusted_factories`` (``"module:function"``).
     """
+    model, spec, _ = load_with_self_test(path, trusted_factories)
+    return (model, spec) if with_spec else model
+
+
+def load_with_self_test(path: str | os.PathLike, trusted_factories: Iterable[str] = ()):
+    """``(model, spec, self-test record or None)``: what the runtime loader needs from one read of the file."""
     trusted_factories = models.trusted_names(trusted_factories)
-    spec, state = read(path)
+    spec, state, record = _read(Path(path))
     model = build(spec, trusted_factories)
     try:
         with autograd_on():
@@ -209,7 +233,7 @@ def load(path: str | os.PathLike, with_spec: bool = False, trusted_factories: It
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the architecture spec: {exc}") from None
     model.eval()
-    return (model, spec) if with_spec else model
+    return model, spec, record
 
 
 def load_for_run(path: str | os.PathLike, model_name: str, num_classes: int, in_channels: int,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, criteria, distributed, latency, models, surgery
+from . import checkpoint, criteria, distributed, latency, models, selftest, surgery
 from . import data as datasets
 from .budget import Budget
 from .errors import CompressorError
@@ -130,6 +130,18 @@ def default_out(config: RunConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     model = config.model.replace(":", "-").replace(".", "-") if not config.checkpoint else Path(config.checkpoint).stem
     return Path("runs") / f"{model}-{config.dataset}-{config.method}-{config.budget_metric}{config.budget:g}-{stamp}"
+
+
+def _self_test(model: torch.nn.Module, data) -> dict | None:
+    """The saved model's answers on a few test images, on the CPU: runtime.load re-runs them where it is served
+    (compressor.selftest). None for streamed data, whose test images are not in memory."""
+    if not isinstance(data, datasets.ImageData) or len(data.test_y) == 0:
+        return None
+    x = next(iter(datasets.DeviceBatches(data, "test", 64, "cpu")))[0]
+    copy_ = copy.deepcopy(model).float().cpu().eval()
+    with torch.no_grad():
+        logits = copy_(x)
+    return selftest.make(x, logits, logits, 0.99, "checkpoint")
 
 
 def _trusted(config: RunConfig) -> list[str]:
@@ -272,7 +284,7 @@ def _run(config: RunConfig, out: Path, state: RunState, budget: Budget, device: 
     history = fit(model, data, train_cfg, device, desc="train", state=state.stage("train"))
     seconds["train"] = time.perf_counter() - stage
     acc = {"dense": {"val": evaluate(model, data, "val", device), "test": evaluate(model, data, "test", device)}}
-    checkpoint.save(model, spec_of(model), RunDir(out).dense)
+    checkpoint.save(model, spec_of(model), RunDir(out).dense, self_test=_self_test(model, data))
     teacher = copy.deepcopy(model).eval() if config.distill > 0 else None  # criteria may train the model on
 
     stage = time.perf_counter()
@@ -317,7 +329,7 @@ def _run(config: RunConfig, out: Path, state: RunState, budget: Budget, device: 
     seconds["finetune"] = time.perf_counter() - stage
     acc["finetuned"] = acc["pruned"] if not ft_history else {
         "val": evaluate(model, data, "val", device), "test": evaluate(model, data, "test", device)}
-    checkpoint.save(model, spec_of(model), RunDir(out).pruned)
+    checkpoint.save(model, spec_of(model), RunDir(out).pruned, self_test=_self_test(model, data))
     seconds["total"] = time.perf_counter() - t0
 
     metrics = {

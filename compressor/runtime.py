@@ -209,7 +209,7 @@ class CheckpointRuntime(Runtime):
     def __init__(self, path: Path, device: torch.device, max_batch: int | None, trusted_factories=()):
         from . import checkpoint
 
-        model, spec = checkpoint.load(path, with_spec=True, trusted_factories=trusted_factories)
+        model, spec, self.recorded_self_test = checkpoint.load_with_self_test(path, trusted_factories)
         self.model = model.to(device).eval()
         super().__init__(path, device, spec, max_batch or DEFAULT_MAX_BATCH)
 
@@ -399,9 +399,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", max_batch:
         raise CompressorError(f"no {kind} artifact at {path}" + (" (it is a directory)" if path.is_dir() else ""))
     dev = _device(device)
     if kind == "checkpoint":
-        return CheckpointRuntime(path, dev, _limit(path, None, max_batch) if max_batch is not None else None,
-                                 trusted_factories)
-    if kind == "onnx":
+        loaded = CheckpointRuntime(path, dev, _limit(path, None, max_batch) if max_batch is not None else None,
+                                   trusted_factories)
+    elif kind == "onnx":
         loaded = OnnxRuntime(path, dev, max_batch, threads)
     elif kind == "aoti":
         loaded = AOTIRuntime(path, dev, max_batch)

@@ -140,3 +140,34 @@ def test_int8_saturation_is_caught_by_the_export_or_the_self_test(tmp_path):
     assert "AVX2" in here and "VNNI" not in here and "AVX512VNNI" in exported_on  # the message names both CPUs
     for portable in ("u8u8", "s8s8-reduced"):
         assert served[portable]["top1_agreement"] == 1.0 and served[portable]["max_relative_diff"] < 1e-3
+
+
+def test_a_checkpoint_carries_its_self_test_and_the_loader_runs_it(tmp_path):
+    from compressor import checkpoint
+
+    torch.manual_seed(0)
+    model = models.create("conv4", 10, 1).eval()
+    spec = checkpoint.spec_for(model, "conv4", {"num_classes": 10, "in_channels": 1}, [1, 28, 28], 10)
+    x = torch.randn(20, 1, 28, 28)
+    with torch.no_grad():
+        logits = model(x)
+    record = selftest.make(x, logits, logits, 0.99, "checkpoint")
+    path = checkpoint.save(model, spec, tmp_path / "m.pt", self_test=record)
+    assert checkpoint.recorded_self_test(path)["count"] == 16
+    assert runtime.load(path).self_test["top1_agreement"] == 1.0
+    wrong = dict(record, logits=selftest._encode(-logits[:16]))
+    checkpoint.save(model, spec, path, self_test=wrong)
+    with pytest.raises(CompressorError, match="answers differently on this machine"):
+        runtime.load(path)
+    assert runtime.load(path, self_test=False).self_test is None
+
+
+@pytest.mark.e2e
+def test_a_run_records_the_self_test_of_both_checkpoints(tmp_path):
+    from compressor import checkpoint
+    from compressor.pipeline import RunConfig, run
+
+    run(RunConfig(dataset="synthetic", epochs=1, finetune_epochs=0, out=str(tmp_path / "run"), device="cpu"))
+    for name in ("dense.pt", "pruned.pt"):
+        assert checkpoint.recorded_self_test(tmp_path / "run" / name)["kind"] == "checkpoint"
+        assert runtime.load(tmp_path / "run" / name).self_test["top1_agreement"] == 1.0
