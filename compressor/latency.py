@@ -418,8 +418,9 @@ class Runner:
             try:
                 with onnx_export._quiet():
                     torch.onnx.export(module.float().cpu(), (x,), buf, dynamo=False, opset_version=17,
-                                      input_names=["input"], output_names=["output"],
-                                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic else None)
+                                      input_names=[onnx_export.INPUT], output_names=[onnx_export.OUTPUT],
+                                      dynamic_axes={onnx_export.INPUT: {0: "batch"}, onnx_export.OUTPUT: {0: "batch"}}
+                                      if dynamic else None)
                 data = buf.getvalue()
             except Exception:  # noqa: BLE001 - the library's exporter has the dynamo fallback
                 with tempfile.TemporaryDirectory() as tmp:
@@ -433,28 +434,13 @@ class Runner:
 
     def _ort(self, module: nn.Module, shape):
         import numpy as np
-        import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if self.spec.threads:
-            options.intra_op_num_threads = self.spec.threads
-        cpu = self.spec.backend == "ort-cpu"
-        providers = ["CPUExecutionProvider"] if cpu else ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        session = ort.InferenceSession(self._onnx_bytes(module, shape), options, providers=providers)
-        name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
-        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        if cpu:
-            return lambda: session.run([out_name], {name: x})
-        binding = session.io_binding()  # device-resident input and output, as OnnxRuntimeModel on CUDA
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
-        binding.bind_output(out_name, "cuda")
+        from .export.onnx import OnnxRuntimeModel
 
-        def call():
-            session.run_with_iobinding(binding)
-            binding.synchronize_outputs()
-
-        return call
+        device = "cpu" if self.spec.backend == "ort-cpu" else "cuda"
+        runner = OnnxRuntimeModel(self._onnx_bytes(module, shape), device, self.spec.threads, quiet=True)
+        x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32)).to(device)
+        return lambda: runner(x)  # on CUDA, device-resident input and output through IOBinding
 
     def _trt(self, module: nn.Module, shape):
         from .export import tensorrt

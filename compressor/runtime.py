@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -219,13 +218,8 @@ class CheckpointRuntime(Runtime):
 
 class OnnxRuntime(Runtime):
     kind = "onnx"
-    _TYPES: ClassVar[dict] = {"tensor(float)": (np.float32, torch.float32),
-                              "tensor(float16)": (np.float16, torch.float16),
-                              "tensor(double)": (np.float64, torch.float64)}
 
     def __init__(self, path: Path, device: torch.device, max_batch: int | None, threads: int | None):
-        import onnxruntime as ort
-
         from .export import onnx as onnx_export
 
         meta = read_onnx_metadata(path)
@@ -236,28 +230,17 @@ class OnnxRuntime(Runtime):
             except ValueError:
                 raise CompressorError(f"{path.name}: its self-test record is not JSON; re-export it, or load it "
                                       "with --skip-self-test") from None
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        providers = onnx_export.providers(device.type)  # one clear error when CUDA's provider is missing
-        if device.type == "cuda":
-            providers = [("CUDAExecutionProvider", {"device_id": device.index}), "CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-            raise CompressorError(f"ONNX Runtime cannot load {path.name}: {type(exc).__name__}: {exc}") from None
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        self.model = onnx_export.OnnxRuntimeModel(path, device, threads)  # the toolkit's one ORT wrapper
+        inputs, outputs = self.model.inputs, self.model.outputs
         if len(inputs) != 1 or len(outputs) < 1:
             raise CompressorError(f"{path.name} has {len(inputs)} inputs and {len(outputs)} outputs; this runtime "
                                   "serves models with one image input and logits as first output")
-        self.input_name, self.output_name = inputs[0].name, outputs[0].name
-        if inputs[0].type not in self._TYPES:
-            raise CompressorError(f"{path.name}'s input {self.input_name!r} is {inputs[0].type}; this runtime feeds "
+        if inputs[0].type not in onnx_export.OnnxRuntimeModel.TYPES:
+            raise CompressorError(f"{path.name}'s input {inputs[0].name!r} is {inputs[0].type}; this runtime feeds "
                                   "floating-point images")
-        self._np_dtype, torch_dtype = self._TYPES[inputs[0].type]
         shape = list(inputs[0].shape)
         if len(shape) != 4:
-            raise CompressorError(f"{path.name}'s input {self.input_name!r} has shape {shape}, not NCHW")
+            raise CompressorError(f"{path.name}'s input {inputs[0].name!r} has shape {shape}, not NCHW")
         static = shape[1:] if all(isinstance(d, int) and d > 0 for d in shape[1:]) else None
         if spec is not None and static is not None and list(spec.input_shape) != static:
             raise CompressorError(f"{path.name}: its graph takes (N, {', '.join(map(str, static))}) but its "
@@ -267,30 +250,19 @@ class OnnxRuntime(Runtime):
         out_shape = outputs[0].shape
         classes = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
         super().__init__(path, device, spec, _limit(path, limit, max_batch), static, classes,
-                         min_batch=fixed or 1, input_dtype=torch_dtype)
-        self._classes = classes
-        if device.type == "cuda" and (torch_dtype != torch.float32 or not classes):
+                         min_batch=fixed or 1, input_dtype=self.model.input_dtype)
+        if device.type == "cuda" and (self.model.input_dtype != torch.float32 or not classes):
             raise CompressorError(f"{path.name}: ONNX Runtime on CUDA here needs float32 input and a static "
                                   "class count; run it on device='cpu'")
 
     def _run(self, x):
         try:
-            if self.device.type == "cuda":  # IOBinding: torch owns both buffers, no host round trip
-                out = torch.empty((x.shape[0], self._classes), device=self.device, dtype=torch.float32)
-                binding = self.session.io_binding()
-                binding.bind_input(self.input_name, "cuda", self.device.index, np.float32, tuple(x.shape),
-                                   x.data_ptr())
-                binding.bind_output(self.output_name, "cuda", self.device.index, np.float32, tuple(out.shape),
-                                    out.data_ptr())
-                torch.cuda.current_stream(self.device).synchronize()
-                self.session.run_with_iobinding(binding)
-                binding.synchronize_outputs()
-                return out
-            out = self.session.run([self.output_name], {self.input_name: x.numpy().astype(self._np_dtype, copy=False)})
+            return self.model(x)
+        except CompressorError:
+            raise
         except Exception as exc:  # noqa: BLE001 - e.g. a foreign model's own shape check
             raise CompressorError(f"ONNX Runtime refused the batch of shape {tuple(x.shape)}: "
                                   f"{str(exc).strip().splitlines()[0][:300]}") from None
-        return torch.from_numpy(out[0])
 
 
 class AOTIRuntime(Runtime):

@@ -16,6 +16,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -175,37 +176,64 @@ def providers(device: str) -> list[str]:
 
 
 class OnnxRuntimeModel:
-    """An ONNX file behind ONNX Runtime, called like a module on torch tensors.
+    """An ONNX model (a file, or its bytes) behind ONNX Runtime, called like a module on torch tensors.
 
-    On CUDA, inputs and outputs stay on the GPU through IOBinding (torch owns the buffers),
-    so timings do not include a hidden host round trip.
+    The one ONNX Runtime wrapper of the toolkit: export verification, the runtime loader, the
+    bench and the latency tables all run through it, so what is timed is what is served. Inputs
+    are fed in the graph's own float type. On CUDA (``device`` "cuda" or "cuda:N"), inputs and
+    outputs stay on that GPU through IOBinding with torch owning both buffers: torch's stream
+    is synchronised before the run and ONNX Runtime's outputs after it, so timings include no
+    hidden host round trip and no race with the kernels that made the input.
     """
 
-    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None):
+    TYPES: ClassVar[dict] = {"tensor(float)": (np.float32, torch.float32),
+                             "tensor(float16)": (np.float16, torch.float16),
+                             "tensor(double)": (np.float64, torch.float64)}
+
+    def __init__(self, model: str | os.PathLike | bytes, device: str | torch.device = "cpu",
+                 threads: int | None = None, quiet: bool = False):
         import onnxruntime as ort
 
-        if not Path(path).is_file():
-            raise CompressorError(f"no ONNX file at {path}")
+        if not isinstance(model, bytes) and not Path(model).is_file():
+            raise CompressorError(f"no ONNX file at {model}")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        self.device = device
         options = ort.SessionOptions()
         if threads:
-            options.intra_op_num_threads = threads
-        self.device = device
-        self.session = ort.InferenceSession(str(path), options, providers=providers(device))
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
-        self.output_shape = self.session.get_outputs()[0].shape  # ["batch", classes]
+            options.intra_op_num_threads = int(threads)
+        if quiet:
+            options.log_severity_level = 3
+        chosen = providers(device.type)  # one clear error when CUDA's provider is missing
+        if device.type == "cuda":
+            chosen = [("CUDAExecutionProvider", {"device_id": device.index}), "CPUExecutionProvider"]
+        where = "the ONNX model" if isinstance(model, bytes) else Path(model).name
+        try:
+            self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                                providers=chosen)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise CompressorError(f"ONNX Runtime cannot load {where}: {type(exc).__name__}: {exc}") from None
+        self.inputs, self.outputs = self.session.get_inputs(), self.session.get_outputs()
+        self.input_name, self.output_name = self.inputs[0].name, self.outputs[0].name
+        self.output_shape = self.outputs[0].shape  # ["batch", classes]
+        self.np_dtype, self.input_dtype = self.TYPES.get(self.inputs[0].type, (np.float32, torch.float32))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.device == "cpu":
-            out = self.session.run([self.output_name], {self.input_name: x.detach().float().cpu().numpy()})[0]
-            return torch.from_numpy(out)
-        x = x.detach().float().contiguous()
-        out = torch.empty((x.shape[0], *self.output_shape[1:]), device=x.device, dtype=torch.float32)
-        index = x.device.index or 0
+        if self.device.type == "cpu":
+            feed = x.detach().cpu().numpy().astype(self.np_dtype, copy=False)
+            return torch.from_numpy(self.session.run([self.output_name], {self.input_name: feed})[0])
+        x = x.detach().to(self.device, torch.float32).contiguous()
+        classes = self.output_shape[1:] if all(isinstance(d, int) for d in self.output_shape[1:]) else None
+        if classes is None or self.np_dtype != np.float32:
+            raise CompressorError("ONNX Runtime on CUDA here needs float32 input and a static output shape; run "
+                                  "it on the CPU")
+        out = torch.empty((x.shape[0], *classes), device=self.device, dtype=torch.float32)
         binding = self.session.io_binding()
-        binding.bind_input(self.input_name, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
-        binding.bind_output(self.output_name, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
-        binding.synchronize_inputs()
+        binding.bind_input(self.input_name, "cuda", self.device.index, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output(self.output_name, "cuda", self.device.index, np.float32, tuple(out.shape),
+                            out.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # the input is written before ORT reads it
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         return out
