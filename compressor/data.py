@@ -87,6 +87,12 @@ def load(
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if mode not in DATA_MODES:
         raise DataError(f"--data-mode must be one of {', '.join(DATA_MODES)}, not {mode!r}")
+    if isinstance(name, os.PathLike):  # a folder given as a Path
+        name = str(name)
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(f"--dataset must name a data set or a folder, not {name!r}")
+    if data_dir and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file; give the folder where data sets live (or download to)")
     data_dir = Path(data_dir) if data_dir else Path("data")
     if mode != "memory":
         from . import stream
@@ -115,6 +121,7 @@ def from_tensors(name: str, train_x, train_y, test_x, test_y, classes, val_fract
     if not 0.0 <= val_fraction < 1.0:  # NaN fails this too
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     n_val = int(round(len(train_y) * val_fraction))
+    check_split(len(train_y), n_val, val_fraction)
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = order[:n_val], order[n_val:].sort().values
     test_idx = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(seed))
@@ -122,6 +129,15 @@ def from_tensors(name: str, train_x, train_y, test_x, test_y, classes, val_fract
     mean, std = channel_stats(tx)
     return ImageData(name, tx, train_y[train_idx], train_x[val_idx], train_y[val_idx], test_x[test_idx],
                      test_y[test_idx], list(classes), mean, std, flip)
+
+
+def check_split(n_train: int, n_val: int, val_fraction: float) -> None:
+    """Refuse a training set that is empty, or that the validation share would leave empty."""
+    if n_train == 0:
+        raise DataError("the data set has no training images")
+    if n_val >= n_train:
+        raise DataError(f"--val-fraction {val_fraction} holds out all {n_train} training images and leaves none "
+                        "to train on; use a smaller fraction or more images")
 
 
 def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -156,11 +172,22 @@ def _decoded(name: str, data_dir: Path, cache_dir):
 
 
 def _image_folder_root(name: str, data_dir: Path) -> Path | None:
-    for candidate in (Path(name), data_dir / name):
+    """The folder holding ``train/`` and ``test/`` for ``name`` (a path, or a name under ``data_dir``); None if
+    ``name`` names no folder. A folder or file that is there but is no ImageFolder data set is refused, saying why."""
+    candidates = (Path(name), data_dir / name)
+    for candidate in candidates:
         if (candidate / "train").is_dir() and (candidate / "test").is_dir():
             return candidate
-    if Path(name).is_dir():
-        raise DataError(f"{name} has no train/ and test/ folders of class subfolders")
+    for candidate in candidates if name not in TORCHVISION_SETS else candidates[:1]:
+        if candidate.is_dir():
+            wrong = [f"{split}/ is {'a file, not a folder' if (candidate / split).exists() else 'missing'}"
+                     for split in ("train", "test") if not (candidate / split).is_dir()]
+            raise DataError(f"{candidate} has no train/ and test/ folders of class subfolders ({', '.join(wrong)}); "
+                            "an ImageFolder data set is <folder>/train/<class>/<image> and "
+                            "<folder>/test/<class>/<image>")
+        if candidate.is_file() and name not in TORCHVISION_SETS:
+            raise DataError(f"--dataset {candidate} is a file; give a folder with train/ and test/ ImageFolder trees "
+                            f"or a data set name (digits, synthetic, {', '.join(TORCHVISION_SETS)})")
     return None
 
 
@@ -186,27 +213,59 @@ def _cached(folder: Path, cache_dir: Path, reader):
     return train_x, train_y, test_x, test_y, classes
 
 
-def _read_image_folder(folder: Path):
+def unreadable_image(path, exc: BaseException) -> DataError:
+    """One message for an image file that does not decode, in memory and stream mode alike."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, FileNotFoundError):
+        reason = "the file is gone"
+    elif Path(path).is_file() and Path(path).stat().st_size == 0:
+        reason = "the file is empty"
+    elif isinstance(exc, UnidentifiedImageError):
+        reason = "not an image format PIL can read"
+    else:
+        reason = f"{type(exc).__name__}: {exc}"
+    return DataError(f"cannot decode the image {path} ({reason}); remove or replace the file")
+
+
+def read_image(path, mode: str, size=None):
+    """The image at ``path`` as a PIL image in ``mode`` (resized to ``size`` if given and different), fully decoded;
+    a file that does not decode raises :func:`unreadable_image`'s DataError."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)  # decodes every pixel: a truncated file fails here, not later
+            if size is not None and im.size != tuple(size):
+                im = im.resize(tuple(size))
+            return im
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise unreadable_image(path, exc) from None
+
+
+def _read_image_folder(folder: Path):
     from . import stream
 
     classes, train, test, mode, size = stream.listing(folder)  # one reading of an ImageFolder tree for both paths
 
     def decode(item):
-        with Image.open(item[0]) as im:
-            im = im.convert(mode)
-            if im.size != size:
-                im = im.resize(size)
-            a = np.asarray(im, dtype=np.uint8)
+        try:
+            a = np.asarray(read_image(item[0], mode, size), dtype=np.uint8)
+        except DataError as exc:
+            return exc
         return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
-    def stack(items):
-        with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:
-            arrays = list(pool.map(decode, items, chunksize=256))
-        return torch.from_numpy(np.stack(arrays)), torch.tensor([y for _, y in items], dtype=torch.int64)
+    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:
+        arrays = [list(pool.map(decode, items, chunksize=256)) for items in (train, test)]
+    failed = [a for split in arrays for a in split if isinstance(a, DataError)]
+    if failed:  # every bad file counted, the first named: one run finds them all
+        more = f" (and {len(failed) - 1} more image(s) of {folder} that do not decode)" if len(failed) > 1 else ""
+        raise DataError(f"{failed[0]}{more}")
 
-    return (*stack(train), *stack(test), classes)
+    def stack(decoded, items):
+        return torch.from_numpy(np.stack(decoded)), torch.tensor([y for _, y in items], dtype=torch.int64)
+
+    return (*stack(arrays[0], train), *stack(arrays[1], test), classes)
 
 
 def _torchvision(name: str, data_dir: Path):

@@ -12,8 +12,11 @@ from . import distributed
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike, durable: bool = False):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    ``durable``: also flush the file to the disk before the rename and the rename itself after it (fsync of
+    the file and of its folder), so that the file survives the machine going down, not only the process.
 
     Under torchrun only rank 0 writes: other ranks get a scratch path that is thrown away,
     so no code that writes a file needs to ask which rank it runs on.
@@ -28,11 +31,23 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        if durable:
+            _fsync(tmp)
         failpoint(f"rename-{path.name}")  # a kill here leaves the complete temporary file behind
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -149,9 +149,19 @@ def _trusted(config: RunConfig) -> list[str]:
     return [*config.trust_factories, *([config.model] if ":" in config.model else [])]
 
 
+def _nothing_done(out: Path) -> bool:
+    """An empty folder, or one where a run stopped before any work was saved (a bad data set found after
+    the folder was made): only .state/ with the settings and the lock. Running again there loses nothing."""
+    entries = list(out.iterdir())
+    if not entries:
+        return True
+    state = out / STATE_DIR
+    return entries == [state] and state.is_dir() and all(p.name in (RUN_JSON, "lock") for p in state.iterdir())
+
+
 def prepare_out(out: Path, overwrite: bool) -> None:
     make_dir(out)  # now, not after training: a directory that cannot be made stops the run here
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and not _nothing_done(out):
         if not overwrite:
             raise CompressorError(f"run directory {out} is not empty; pass --overwrite or choose another --out")
     if not distributed.is_main():

@@ -23,6 +23,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -147,21 +148,28 @@ class Writer:
     """Writes states in a background thread, one at a time: training goes on while the disk works.
 
     The snapshot is taken on the caller's thread (a copy to the CPU), so later optimizer
-    steps cannot leak into it; ``flush`` waits for the last write and raises its error.
+    steps cannot leak into it; ``flush`` waits for the last write (committed and fsynced once
+    it returns) and raises its error. ``fit`` reports an epoch from ``save``'s ``committed``
+    callback, once the epoch's state is on disk, so a reported epoch is never trained again
+    after a kill, while the next epoch already trains.
     """
 
     def __init__(self):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, path: Path, state: dict) -> None:
+    def save(self, path: Path, state: dict, committed: Callable[[], None] | None = None) -> None:
+        """Write ``state`` to ``path`` in the background; ``committed`` runs (on the writer's thread) once the file
+        is on disk, never if the write fails."""
         snapshot = cpu_copy(state)
         self.flush()
 
         def write():
             try:
-                with atomic_path(path) as tmp:
+                with atomic_path(path, durable=True) as tmp:  # on the disk, not only in the page cache
                     torch.save(snapshot, tmp)
+                if committed is not None:
+                    committed()
             except BaseException as exc:  # noqa: BLE001 - handed to the training thread by flush()
                 self._error = exc
 

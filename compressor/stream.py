@@ -66,32 +66,74 @@ def release_run_lock(_worker_id: int = 0) -> None:
             pass
 
 
-def listing(folder: Path):
-    """(classes, train items, test items, PIL mode, first image's size); items are (path, label)."""
-    from PIL import Image
+def _visible(folder: Path) -> list[Path]:
+    """The entries of ``folder`` in name order, without hidden ones (.DS_Store, macOS's ._x.png, .ipynb_checkpoints)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
+
+def listing(folder: Path):
+    """(classes, train items, test items, PIL mode, first image's size); items are (path, label).
+
+    Refuses, with one DataError each: fewer than two classes, images outside class subfolders, a class
+    folder without images, test classes that training lacks, and a first image that does not decode."""
     from .data import IMAGE_SUFFIXES
 
-    classes = sorted(d.name for d in (folder / "train").iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"{folder / 'train'} has no class subfolders")
+    suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+    train_dir = folder / "train"
+    classes = [d.name for d in _visible(train_dir) if d.is_dir()]
+    if len(classes) < 2:
+        raise DataError(f"{train_dir} needs at least two classes (one subfolder of images each), found "
+                        f"{len(classes)}" + (f": {', '.join(classes)}" if classes else ""))
     index = {c: i for i, c in enumerate(classes)}
 
     def items(split):
+        root = folder / split
+        loose = [p.name for p in _visible(root) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        if loose:
+            raise DataError(f"{root} holds images outside class subfolders ({loose[0]}"
+                            f"{f' and {len(loose) - 1} more' if len(loose) > 1 else ''}); put each image in "
+                            f"{root}/<class>/")
+        extra = [d.name for d in _visible(root) if d.is_dir() and d.name not in index]
+        if extra:
+            raise DataError(f"{root} has class folders that {train_dir} lacks: {', '.join(extra)}; every test class "
+                            "must be a training class")
         found = []
         for c in classes:
-            d = folder / split / c
-            if d.is_dir():
-                found += [(str(p), index[c]) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+            d = root / c
+            if not d.is_dir():
+                if d.exists():
+                    raise DataError(f"{d} is a file; each class is a folder of images")
+                continue  # a class without test images
+            entries = _visible(d)
+            images = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+            if not images:
+                others = [p.name for p in entries]
+                why = (f"it holds only other files or folders ({len(others)}, e.g. {others[0]}; subfolders are not "
+                       "read)" if others else "the class folder is empty")
+                raise DataError(f"{d} holds no images ({suffixes}){';' if others else ':'} {why}; add images or "
+                                "remove the folder")
+            found += [(str(p), index[c]) for p in images]
         if not found:
-            raise DataError(f"{folder / split} holds no images in class subfolders")
+            raise DataError(f"{root} holds no images in class subfolders")
         return found
 
     train, test = items("train"), items("test")
-    with Image.open(train[0][0]) as first:
-        mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
-        size = first.size
-    return classes, train, test, mode, size
+    return classes, train, test, *_first_format(train[0][0])
+
+
+def _first_format(path: str):
+    """PIL mode ("L" or "RGB") and size of the first training image, which every image is converted to."""
+    from PIL import Image
+
+    from .data import unreadable_image
+
+    try:
+        with Image.open(path) as first:
+            first.load()
+            mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
+            return mode, first.size
+    except Exception as exc:  # noqa: BLE001 - PIL's many failure modes
+        raise unreadable_image(path, exc) from None
 
 
 def decoded_bytes(n_images: int, mode: str, size: tuple[int, int]) -> int:
@@ -101,8 +143,11 @@ def decoded_bytes(n_images: int, mode: str, size: tuple[int, int]) -> int:
 
 def open_folder(name: str, folder: Path, val_fraction: float, seed: int, workers: int | None = None,
                 listed=None) -> StreamData:
+    from .data import check_split
+
     classes, train, test, mode, size = listed or listing(folder)
     n_val = round(len(train) * val_fraction)
+    check_split(len(train), n_val, val_fraction)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = order[:n_val].tolist(), order[n_val:].sort().values.tolist()
     test_idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -177,8 +222,8 @@ class StreamData(DataShape):
             steps.append(T.RandomHorizontalFlip())
         return T.Compose(steps)
 
-    def files(self, split: str, train: bool) -> Files:
-        return Files(getattr(self, f"{split}_items"), self.mode, self.native, self.transform(train))
+    def files(self, split: str, train: bool, report: bool = False) -> Files:
+        return Files(getattr(self, f"{split}_items"), self.mode, self.native, self.transform(train), report)
 
     def sample_stats(self, seed: int) -> tuple[list[float], list[float]]:
         from .data import channel_stats
@@ -196,32 +241,59 @@ class StreamData(DataShape):
         return StreamBatches(self, split, batch_size, device, train, seed, drop_last, split_ranks)
 
 
-class Files(torch.utils.data.Dataset):
-    """Decodes item ``(index, seed)``: the image as uint8 CHW and its label; ``seed`` seeds the transform."""
+class Unreadable:
+    """What a DataLoader worker hands back for a batch with a file that does not decode: the message, as data.
 
-    def __init__(self, items, mode, native, transform):
+    An exception raised in a worker reaches the training process re-made with the worker's traceback in its
+    message; this keeps the message one line, and the training process raises it (StreamBatches.iterate)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def collate(items):
+    """torch's default_collate, or the first :class:`Unreadable` among ``items``."""
+    for item in items:
+        if isinstance(item, Unreadable):
+            return item
+    return torch.utils.data.default_collate(items)
+
+
+class Files(torch.utils.data.Dataset):
+    """Decodes item ``(index, seed)``: the image as uint8 CHW and its label; ``seed`` seeds the transform.
+
+    A file that does not decode raises DataError naming it, or with ``report`` is returned as :class:`Unreadable`
+    (for DataLoader workers)."""
+
+    def __init__(self, items, mode, native, transform, report: bool = False):
         self.items, self.mode, self.native, self.transform = items, mode, native, transform
+        self.report = report
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, key):
-        from PIL import Image
+        try:
+            return self._decode(key)
+        except DataError as exc:
+            if self.report:
+                return Unreadable(str(exc))
+            raise
+
+    def _decode(self, key):
+        from .data import read_image
 
         i, seed = key
         path, label = self.items[i]
-        with Image.open(path) as im:
-            im = im.convert(self.mode)
-            if self.native and im.size != tuple(self.native):
-                im = im.resize(tuple(self.native))  # as the in-memory path does
-            if self.transform is not None:
-                # torchvision's random transforms draw from torch's global CPU generator: seed it for this image,
-                # and give it back as it was (with --workers 0 this runs in the training process)
-                with torch.random.fork_rng(devices=[]):
-                    if seed is not None:
-                        torch.default_generator.manual_seed(seed)
-                    im = self.transform(im)
-            a = np.asarray(im, dtype=np.uint8)
+        im = read_image(path, self.mode, self.native)  # resized to the native size as the in-memory path does
+        if self.transform is not None:
+            # torchvision's random transforms draw from torch's global CPU generator: seed it for this image,
+            # and give it back as it was (with --workers 0 this runs in the training process)
+            with torch.random.fork_rng(devices=[]):
+                if seed is not None:
+                    torch.default_generator.manual_seed(seed)
+                im = self.transform(im)
+        a = np.asarray(im, dtype=np.uint8)
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
         return torch.from_numpy(np.ascontiguousarray(a)), label
 
@@ -267,8 +339,8 @@ class StreamBatches:
         self.sampler = OrderSampler(len(self.y), batch_size, drop_last, split_ranks)
         cuda = self.device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(
-            data.files(split, train), batch_sampler=self.sampler, num_workers=data.workers, pin_memory=cuda,
-            persistent_workers=data.workers > 0, worker_init_fn=release_run_lock)
+            data.files(split, train, report=True), batch_sampler=self.sampler, num_workers=data.workers,
+            pin_memory=cuda, persistent_workers=data.workers > 0, worker_init_fn=release_run_lock, collate_fn=collate)
         self.mean = torch.tensor(data.mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(data.std, device=self.device).view(1, -1, 1, 1)
         self.channels_last = cuda
@@ -289,7 +361,10 @@ class StreamBatches:
 
     def iterate(self, order: torch.Tensor | None, first_batch: int = 0):
         self.sampler.order, self.sampler.first = (order.cpu() if order is not None else None), first_batch
-        for x, y in self.loader:
+        for batch in self.loader:
+            if isinstance(batch, Unreadable):  # a file that does not decode, found by a worker: its one-line message
+                raise DataError(batch.message)
+            x, y = batch
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             x = (x.float() / 255.0 - self.mean) / self.std
             if self.channels_last:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -118,12 +120,27 @@ def compiled(model: nn.Module, net: nn.Module) -> nn.Module:
     return fn
 
 
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N (N = 0, 1, ...: a GPU's index)"
+
+
 def pick_device(name: str = "auto") -> torch.device:
+    """The device ``name`` asks for: ``auto`` (CUDA if present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Anything else, a CUDA device on a machine without one and a GPU index the machine does not have are
+    refused with one CompressorError (torch's own errors name device types this project does not support)."""
+    if isinstance(name, torch.device):  # a device already made (Python callers): its written form
+        name = str(name)
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise CompressorError(f"unknown device {name!r}: use {DEVICE_FORMS}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CompressorError("--device cuda was asked for, but this machine has no CUDA GPU (use --device cpu)")
+        raise CompressorError(f"--device {name} was asked for, but this machine has no CUDA GPU (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise CompressorError(f"--device {name} names GPU {device.index}, but this machine has {count} "
+                              f"(cuda:0 to cuda:{count - 1})")
     return device
 
 
@@ -288,12 +305,24 @@ def fit(model: nn.Module, data: ImageData, config: TrainConfig, device: torch.de
                   "seconds": time.perf_counter() - start}
         record.update({name: float(v) / seen for name, v in term_sums.items()})  # penalty terms, included in loss
         history.append(record)
+        line = (f"{desc} epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, "
+                f"train acc {record['train_acc']:.2%}, {record['seconds']:.1f}s")
         if state is not None and distributed.is_main():  # every rank holds the same weights; rank 0 writes
-            writer.save(state.path, snapshot(epoch + 1, 0, None, None))
-        tqdm.write(f"{desc} epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, "
-                   f"train acc {record['train_acc']:.2%}, {record['seconds']:.1f}s")
-    writer.flush()
+            # Reported means kept: the line is printed once the epoch's state is on disk (by the writer's thread,
+            # while the next epoch trains), so a run killed after the line resumes at the next epoch.
+            writer.save(state.path, snapshot(epoch + 1, 0, None, None),
+                        committed=lambda line=line: report(line + ", saved"))
+        else:
+            report(line)
+    writer.flush()  # the last epoch's line is out before fit returns
     return history
+
+
+def report(line: str) -> None:
+    """Print an epoch's line now (to a log file or pipe too, not when a buffer fills)."""
+    tqdm.write(line)
+    sys.stdout.flush()
+    failpoint("epoch-line")  # a test kills the run here: the epoch just reported must not be trained again
 
 
 def evaluate(model: nn.Module, data: ImageData, split: str, device: torch.device, batch_size: int = 1024) -> float:

@@ -82,8 +82,8 @@ def test_export_and_compare_out_under_a_regular_file(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(CompressorError, match="is a file, not a directory"):
-        compare(RunConfig(dataset="synthetic", epochs=1, pruning_epochs=1), ["l1"], [("params", 0.5)], [0], blocker / "study",
-                configs={})
+        compare(RunConfig(dataset="synthetic", epochs=1, pruning_epochs=1), ["l1"], [("params", 0.5)], [0],
+                blocker / "study", configs={})
     ckpt = tmp_path / "m.pt"
     from compressor import checkpoint
 
@@ -92,3 +92,23 @@ def test_export_and_compare_out_under_a_regular_file(tmp_path):
                                                10, dataset="synthetic"), ckpt)
     with pytest.raises(CompressorError, match="is a file, not a directory"):
         export(ckpt, "onnx", out=blocker / "export")
+
+
+def test_a_run_stopped_by_bad_data_can_be_run_again_as_it_was(tmp_path):
+    """Nothing was done, so nothing is in the way: the same command runs once the data set is fixed."""
+    from PIL import Image
+
+    folder = tmp_path / "set"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (folder / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0) if c == "a" else (0, 40 * i, 0)).save(
+                    folder / split / c / f"{i}.png")
+    broken = folder / "train" / "a" / "bad.png"
+    broken.write_bytes(b"not an image")
+    config = RunConfig(dataset=str(folder), epochs=0, finetune_epochs=0, out=str(tmp_path / "run"), device="cpu")
+    with pytest.raises(CompressorError, match="bad.png"):
+        run(config)
+    broken.unlink()
+    assert run(config)["status"] == "complete"

@@ -75,6 +75,26 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, unbroken, kind, kill_at
     assert leftovers(tmp_path / "run") == []
 
 
+@pytest.mark.parametrize("kill_at, reported, resumes", [
+    ("epoch-line", "train epoch 1/2:", "train: resuming at epoch 2/2"),              # dense training's first epoch
+    ("epoch-line@3", "finetune epoch 1/2:", "finetune: resuming at epoch 2/2"),       # fine-tuning's first epoch
+], ids=["dense", "finetune"])
+def test_a_reported_epoch_is_never_trained_again(tmp_path, unbroken, kill_at, reported, resumes):
+    """Reported means durable: killed the moment an epoch's line is out, the run resumes after that epoch."""
+    args = L1 + ["--out", str(tmp_path / "run")]
+    killed = compress(args, kill_at)
+    assert killed.returncode == -9, killed.stderr
+    last = killed.stdout.strip().splitlines()[-1]
+    assert last.startswith(reported) and last.endswith(", saved"), killed.stdout  # the line was out, and said so
+    resumed = compress(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    out = resumed.stdout + resumed.stderr
+    assert resumes in out, out
+    assert reported not in out, out  # the reported epoch is not trained (or reported) a second time
+    assert_same_run(unbroken["l1"], tmp_path / "run")
+    assert leftovers(tmp_path / "run") == []
+
+
 def test_resume_without_saved_progress_says_so_and_runs(tmp_path, unbroken):
     out = tmp_path / "run"
     done = compress(L1 + ["--out", str(out), "--resume"])
