@@ -26,25 +26,20 @@ import torch.nn.functional as F
 from . import distributed
 from .errors import DataError
 from .files import atomic_path
+from .imagefolder import (  # noqa: F401  (IMAGE_SUFFIXES, read_image, unreadable_image: re-exported)
+    IMAGE_SUFFIXES,
+    DataShape,
+    channel_stats,
+    check_split,
+    decoded_bytes,
+    listing,
+    read_image,
+    unreadable_image,
+)
 
 TORCHVISION_SETS = ("mnist", "cifar10", "cifar100")
 DATA_MODES = ("auto", "memory", "stream")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
-
-class DataShape:
-    """What every data set tells the model and the checkpoint, in memory or streamed alike."""
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def normalization(self) -> dict:
-        return {"mean": self.mean, "std": self.std}
-
-    def example_inputs(self, batch: int = 1, device="cpu") -> torch.Tensor:
-        return torch.zeros(batch, *self.input_shape, device=device)
 
 
 @dataclass
@@ -102,8 +97,8 @@ def load(
             raise DataError(f"--data-mode stream reads ImageFolder trees (train/ and test/); {name!r} is not one "
                             "(use --data-mode auto or memory)")
         if folder is not None:
-            listed = stream.listing(folder)
-            size = stream.decoded_bytes(len(listed[1]) + len(listed[2]), listed[3], listed[4])
+            listed = listing(folder)
+            size = decoded_bytes(len(listed[1]) + len(listed[2]), listed[3], listed[4])
             if mode == "stream" or size > stream.MEMORY_LIMIT_GIB * 2**30:
                 return stream.open_folder(name, folder, val_fraction, seed, workers, listed)
     (train_x, train_y, test_x, test_y, classes), flip = _decoded(name, data_dir, cache_dir)
@@ -129,29 +124,6 @@ def from_tensors(name: str, train_x, train_y, test_x, test_y, classes, val_fract
     mean, std = channel_stats(tx)
     return ImageData(name, tx, train_y[train_idx], train_x[val_idx], train_y[val_idx], test_x[test_idx],
                      test_y[test_idx], list(classes), mean, std, flip)
-
-
-def check_split(n_train: int, n_val: int, val_fraction: float) -> None:
-    """Refuse a training set that is empty, or that the validation share would leave empty."""
-    if n_train == 0:
-        raise DataError("the data set has no training images")
-    if n_val >= n_train:
-        raise DataError(f"--val-fraction {val_fraction} holds out all {n_train} training images and leaves none "
-                        "to train on; use a smaller fraction or more images")
-
-
-def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images on the [0, 1] scale, in chunks to bound memory."""
-    total = torch.zeros(x.shape[1], dtype=torch.float64)
-    total_sq = torch.zeros_like(total)
-    for chunk in x.split(4096):
-        c = chunk.double() / 255.0
-        total += c.sum(dim=(0, 2, 3))
-        total_sq += (c * c).sum(dim=(0, 2, 3))
-    n = x.shape[0] * x.shape[2] * x.shape[3]
-    mean = total / n
-    std = (total_sq / n - mean * mean).clamp_min(1e-12).sqrt()
-    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
 def _decoded(name: str, data_dir: Path, cache_dir):
@@ -213,40 +185,8 @@ def _cached(folder: Path, cache_dir: Path, reader):
     return train_x, train_y, test_x, test_y, classes
 
 
-def unreadable_image(path, exc: BaseException) -> DataError:
-    """One message for an image file that does not decode, in memory and stream mode alike."""
-    from PIL import UnidentifiedImageError
-
-    if isinstance(exc, FileNotFoundError):
-        reason = "the file is gone"
-    elif Path(path).is_file() and Path(path).stat().st_size == 0:
-        reason = "the file is empty"
-    elif isinstance(exc, UnidentifiedImageError):
-        reason = "not an image format PIL can read"
-    else:
-        reason = f"{type(exc).__name__}: {exc}"
-    return DataError(f"cannot decode the image {path} ({reason}); remove or replace the file")
-
-
-def read_image(path, mode: str, size=None):
-    """The image at ``path`` as a PIL image in ``mode`` (resized to ``size`` if given and different), fully decoded;
-    a file that does not decode raises :func:`unreadable_image`'s DataError."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert(mode)  # decodes every pixel: a truncated file fails here, not later
-            if size is not None and im.size != tuple(size):
-                im = im.resize(tuple(size))
-            return im
-    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise unreadable_image(path, exc) from None
-
-
 def _read_image_folder(folder: Path):
-    from . import stream
-
-    classes, train, test, mode, size = stream.listing(folder)  # one reading of an ImageFolder tree for both paths
+    classes, train, test, mode, size = listing(folder)  # one reading of an ImageFolder tree for both paths
 
     def decode(item):
         try:

@@ -70,13 +70,15 @@ class RunState:
     def lock(self) -> None:
         """Refuse a second process in the same run directory (its files would interleave).
 
-        Under torchrun, rank 0 owns the directory: it alone locks, clears and cleans it."""
+        Under torchrun, rank 0 owns the directory: it alone locks, clears and cleans it. The lock is a POSIX
+        record lock (``lockf``), which belongs to this process alone: DataLoader workers forked from it do not
+        hold it, so a killed run's lock goes with the run, not later with its workers."""
         if not distributed.is_main():
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         handle = open(self.dir / "lock", "w")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.close()
             raise CompressorError(f"another compress process is working in {self.dir.parent}") from None

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from . import distributed
-from .data import DataShape
 from .errors import DataError
+from .imagefolder import DataShape, channel_stats, check_split, listing, read_image
 
 SMALL_SIDE = 64  # images up to this shorter side keep their size
 CROP, RESIZE = 224, 256  # torchvision's ImageNet sizes, for larger images
@@ -48,102 +48,8 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def release_run_lock(_worker_id: int = 0) -> None:
-    """A forked worker's first act: close its copy of the run directory's lock file (resume.RunState.lock),
-    so that a killed run's lock goes with the run, not seconds later with its workers (Linux: /proc)."""
-    from .resume import STATE_DIR
-
-    fds = Path("/proc/self/fd")
-    if not fds.is_dir():
-        return
-    for fd in os.listdir(fds):
-        try:
-            if os.readlink(fds / fd).endswith(f"/{STATE_DIR}/lock"):
-                null = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(null, int(fd))  # the number stays valid (the parent's file object may close it), the lock goes
-                os.close(null)
-        except OSError:
-            pass
-
-
-def _visible(folder: Path) -> list[Path]:
-    """The entries of ``folder`` in name order, without hidden ones (.DS_Store, macOS's ._x.png, .ipynb_checkpoints)."""
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-
-
-def listing(folder: Path):
-    """(classes, train items, test items, PIL mode, first image's size); items are (path, label).
-
-    Refuses, with one DataError each: fewer than two classes, images outside class subfolders, a class
-    folder without images, test classes that training lacks, and a first image that does not decode."""
-    from .data import IMAGE_SUFFIXES
-
-    suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-    train_dir = folder / "train"
-    classes = [d.name for d in _visible(train_dir) if d.is_dir()]
-    if len(classes) < 2:
-        raise DataError(f"{train_dir} needs at least two classes (one subfolder of images each), found "
-                        f"{len(classes)}" + (f": {', '.join(classes)}" if classes else ""))
-    index = {c: i for i, c in enumerate(classes)}
-
-    def items(split):
-        root = folder / split
-        loose = [p.name for p in _visible(root) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-        if loose:
-            raise DataError(f"{root} holds images outside class subfolders ({loose[0]}"
-                            f"{f' and {len(loose) - 1} more' if len(loose) > 1 else ''}); put each image in "
-                            f"{root}/<class>/")
-        extra = [d.name for d in _visible(root) if d.is_dir() and d.name not in index]
-        if extra:
-            raise DataError(f"{root} has class folders that {train_dir} lacks: {', '.join(extra)}; every test class "
-                            "must be a training class")
-        found = []
-        for c in classes:
-            d = root / c
-            if not d.is_dir():
-                if d.exists():
-                    raise DataError(f"{d} is a file; each class is a folder of images")
-                continue  # a class without test images
-            entries = _visible(d)
-            images = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-            if not images:
-                others = [p.name for p in entries]
-                why = (f"it holds only other files or folders ({len(others)}, e.g. {others[0]}; subfolders are not "
-                       "read)" if others else "the class folder is empty")
-                raise DataError(f"{d} holds no images ({suffixes}){';' if others else ':'} {why}; add images or "
-                                "remove the folder")
-            found += [(str(p), index[c]) for p in images]
-        if not found:
-            raise DataError(f"{root} holds no images in class subfolders")
-        return found
-
-    train, test = items("train"), items("test")
-    return classes, train, test, *_first_format(train[0][0])
-
-
-def _first_format(path: str):
-    """PIL mode ("L" or "RGB") and size of the first training image, which every image is converted to."""
-    from PIL import Image
-
-    from .data import unreadable_image
-
-    try:
-        with Image.open(path) as first:
-            first.load()
-            mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
-            return mode, first.size
-    except Exception as exc:  # noqa: BLE001 - PIL's many failure modes
-        raise unreadable_image(path, exc) from None
-
-
-def decoded_bytes(n_images: int, mode: str, size: tuple[int, int]) -> int:
-    """What the in-memory path would hold: every image as uint8 at the first image's size."""
-    return n_images * (1 if mode == "L" else 3) * size[0] * size[1]
-
-
 def open_folder(name: str, folder: Path, val_fraction: float, seed: int, workers: int | None = None,
                 listed=None) -> StreamData:
-    from .data import check_split
 
     classes, train, test, mode, size = listed or listing(folder)
     n_val = round(len(train) * val_fraction)
@@ -226,8 +132,6 @@ class StreamData(DataShape):
         return Files(getattr(self, f"{split}_items"), self.mode, self.native, self.transform(train), report)
 
     def sample_stats(self, seed: int) -> tuple[list[float], list[float]]:
-        from .data import channel_stats
-
         n = len(self.train_items)
         pick = range(n) if n <= STATS_SAMPLE else \
             torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:STATS_SAMPLE].sort().values.tolist()
@@ -281,8 +185,6 @@ class Files(torch.utils.data.Dataset):
             raise
 
     def _decode(self, key):
-        from .data import read_image
-
         i, seed = key
         path, label = self.items[i]
         im = read_image(path, self.mode, self.native)  # resized to the native size as the in-memory path does
@@ -340,7 +242,7 @@ class StreamBatches:
         cuda = self.device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(
             data.files(split, train, report=True), batch_sampler=self.sampler, num_workers=data.workers,
-            pin_memory=cuda, persistent_workers=data.workers > 0, worker_init_fn=release_run_lock, collate_fn=collate)
+            pin_memory=cuda, persistent_workers=data.workers > 0, collate_fn=collate)
         self.mean = torch.tensor(data.mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(data.std, device=self.device).view(1, -1, 1, 1)
         self.channels_last = cuda

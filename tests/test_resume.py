@@ -134,3 +134,31 @@ def test_criteria_training_resumes_to_the_same_result(tmp_path, args, kill_at, e
     assert expect in resumed.stdout + resumed.stderr
     assert_same_run(whole, cut)
     assert leftovers(cut) == []
+
+
+def test_run_lock_is_not_held_by_forked_workers(tmp_path):
+    """The run's lock is this process's own: a forked child (a DataLoader worker) does not keep it, so another
+    process may take the directory as soon as the run that held it has let go, even while the child lives."""
+    import multiprocessing
+    import subprocess
+    import sys
+
+    from compressor.resume import RunState
+
+    def take_lock():
+        code = ("import sys; from compressor.resume import RunState; from compressor.errors import CompressorError\n"
+                f"try:\n    RunState({str(tmp_path)!r}).lock(); print('took it')\n"
+                "except CompressorError as e:\n    print('refused')")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip()
+
+    state = RunState(tmp_path)
+    state.lock()
+    child = multiprocessing.get_context("fork").Process(target=__import__("time").sleep, args=(60,))
+    child.start()
+    try:
+        assert take_lock() == "refused"
+        state.close(finished=False)
+        assert child.is_alive() and take_lock() == "took it"
+    finally:
+        child.kill()
+        child.join()
