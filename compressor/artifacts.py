@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .errors import CompressorError
-from .files import atomic_path, write_json
+from .files import atomic_path, read_json_object, write_json
 
 KINDS = {".pt": "checkpoint", ".pth": "checkpoint", ".onnx": "onnx", ".engine": "tensorrt", ".plan": "tensorrt",
          ".pt2": "aoti"}
@@ -68,13 +68,7 @@ def read_sidecar(path) -> dict | None:
     side = sidecar_path(path)
     if not side.is_file():
         return None
-    try:
-        data = json.loads(side.read_text())
-    except (OSError, ValueError) as exc:
-        raise CompressorError(f"{side} is not readable JSON ({exc}); delete it or re-export") from None
-    if not isinstance(data, dict):
-        raise CompressorError(f"{side} does not hold a JSON object; delete it or re-export")
-    return data
+    return read_json_object(side, "a JSON object", "delete it or re-export")
 
 
 def write_metadata(path, spec, max_batch: int | None = None) -> Path:

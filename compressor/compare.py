@@ -26,7 +26,7 @@ from pathlib import Path
 from . import criteria
 from .budget import METRICS
 from .errors import CompressorError
-from .files import atomic_path, write_json, write_text
+from .files import atomic_path, read_json_object, write_json, write_text
 from .pipeline import RunConfig, run
 from .provenance import stamp
 from .rundir import RunDir, make_dir
@@ -150,11 +150,8 @@ def _claim(out: Path, shared: dict) -> None:
         raise CompressorError(f"--out {out} exists and is not a directory")
     path = out / SETTINGS
     if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CompressorError(f"{path} is damaged ({exc}); choose another --out") from None
-        if not isinstance(saved, dict) or not isinstance(saved.get("criteria", {}), dict):
+        saved = read_json_object(path, "a study's settings", "choose another --out")
+        if not isinstance(saved.get("criteria", {}), dict):
             raise CompressorError(f"{path} does not hold a study's settings; choose another --out")
         differ = [f"--{k.replace('_', '-')} {shared.get(k)!r} (the study has {v!r})" for k, v in saved.items()
                   if shared.get(k) != v and k != "criteria"]

@@ -50,6 +50,20 @@ def _fsync(path) -> None:
         os.close(fd)
 
 
+def read_json_object(path: str | os.PathLike, what: str, fix: str) -> dict:
+    """The JSON object in the file at ``path`` (a file the toolkit wrote and reads back), or one CompressorError:
+    "``path`` is damaged (...); ``fix``" or "``path`` does not hold ``what``; ``fix``"."""
+    from .errors import CompressorError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CompressorError(f"{path} is damaged ({exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise CompressorError(f"{path} does not hold {what}; {fix}")
+    return data
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -19,7 +19,7 @@ from . import checkpoint, criteria, distributed, latency, models, selftest, surg
 from . import data as datasets
 from .budget import Budget
 from .errors import CompressorError
-from .files import write_json, write_text
+from .files import read_json_object, write_json, write_text
 from .provenance import device_name, git_commit, versions  # noqa: F401  (re-exported for old callers)
 from .resume import STATE_DIR, RunState
 from .rundir import RunDir, make_dir
@@ -389,13 +389,7 @@ def _saved_config(out: Path) -> dict | None:
     path = out / STATE_DIR / RUN_JSON
     if not path.is_file():
         return None
-    try:
-        saved = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CompressorError(f"{path} is damaged ({exc}); start the run afresh with --overwrite") from None
-    if not isinstance(saved, dict):
-        raise CompressorError(f"{path} does not hold a run's settings; start the run afresh with --overwrite")
-    return saved
+    return read_json_object(path, "a run's settings", "start the run afresh with --overwrite")
 
 
 def _resumed(config: RunConfig, saved: dict) -> RunConfig:

@@ -246,7 +246,7 @@ class OnnxRuntime(Runtime):
             raise CompressorError(f"{path.name}: its graph takes (N, {', '.join(map(str, static))}) but its "
                                   f"recorded spec says {spec.input_shape}; re-export it")
         fixed = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
-        limit = fixed or (int(meta[onnx_export.MAX_BATCH_KEY]) if onnx_export.MAX_BATCH_KEY in meta else None)
+        limit = fixed or _recorded_count(meta.get(onnx_export.MAX_BATCH_KEY), "max_batch", path)
         out_shape = outputs[0].shape
         classes = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
         super().__init__(path, device, spec, _limit(path, limit, max_batch), static, classes,
@@ -276,16 +276,25 @@ class AOTIRuntime(Runtime):
         if not compiled_for:
             raise CompressorError(f"{path} is not an AOTInductor package (no AOTI metadata inside; a .pt2 from "
                                   "torch.export.save is an exported program, not a compiled package)")
+        if not isinstance(compiled_for, str) or compiled_for.split(":")[0] not in ("cpu", "cuda"):
+            raise CompressorError(f"{path.name}: its metadata names the device {compiled_for!r}; expected cpu or cuda")
         if torch.device(compiled_for).type != device.type:
             raise CompressorError(f"{path.name} was compiled for {compiled_for}, so it runs only there: load it with "
                                   f"device='{torch.device(compiled_for).type}' (or export one for {device.type})")
         spec = spec_from_dict(info["spec"], path.name) if info.get("spec") else None
         self.recorded_self_test = info.get("self_test")
         shape = info.get("input_shape")
+        if shape is not None and not (isinstance(shape, list) and len(shape) == 3
+                                      and all(_recorded_count(d, "input_shape", path) for d in shape)):
+            raise CompressorError(f"{path.name}: its metadata's input_shape {shape!r} is not [C, H, W]")
         dtype = INPUT_DTYPES.get(str(info.get("dtype", "float32")))
         if dtype is None:
             raise CompressorError(f"{path.name}: its metadata names input dtype {info.get('dtype')!r}; expected one "
                                   f"of {', '.join(INPUT_DTYPES)}")
+        # every recorded count checked before the package's native code is loaded
+        limit = _recorded_count(info.get("max_batch"), "max_batch", path)
+        classes = _recorded_count(info.get("num_classes"), "num_classes", path)
+        least = _recorded_count(info.get("min_batch", 1), "min_batch", path)
         try:
             self.model = aoti.AOTIModel(path, device_index=device.index if device.type == "cuda" else -1)
         except CompressorError:
@@ -294,8 +303,8 @@ class AOTIRuntime(Runtime):
             raise CompressorError(f"cannot load the AOTInductor package {path.name} (built with torch "
                                   f"{info.get('torch', '?')}, this is {torch.__version__}): {type(exc).__name__}: "
                                   f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from None
-        super().__init__(path, device, spec, _limit(path, info.get("max_batch"), max_batch), shape,
-                         info.get("num_classes"), min_batch=int(info.get("min_batch", 1)), input_dtype=dtype)
+        super().__init__(path, device, spec, _limit(path, limit, max_batch), shape, classes, min_batch=least,
+                         input_dtype=dtype)
 
     def _run(self, x):
         if self.device.type == "cuda":
@@ -329,6 +338,19 @@ class TensorRTRuntime(Runtime):
 
     def _run(self, x):
         return self.model(x)
+
+
+def _recorded_count(value, what: str, path: Path) -> int | None:
+    """A count an artifact's metadata records (decimal text or a number), checked; None where it records none."""
+    if value is None:
+        return None
+    try:
+        count = int(value) if isinstance(value, str) else value
+    except ValueError:
+        count = None
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 1 << 30:
+        raise CompressorError(f"{path.name}: its metadata's {what} {value!r} is not a positive whole number")
+    return count
 
 
 def _limit(path: Path, artifact_max, wanted) -> int:

@@ -259,3 +259,27 @@ def test_engine_sidecar_is_not_read_on_a_cpu(tmp_path, evil):
     with pytest.raises(CompressorError, match="runs only on a CUDA GPU"):
         runtime.load(path, "cpu")
     assert not evil.exists()
+
+
+@pytest.mark.parametrize("field, value, words", [("device", "bogus", "names the device 'bogus'"),
+                                                 ("device", {"x": 1}, "names the device"),
+                                                 ("max_batch", "x", "max_batch 'x'"),
+                                                 ("min_batch", -3, "min_batch -3"),
+                                                 ("input_shape", ["a", 2, 3], "input_shape"),
+                                                 ("num_classes", 0, "num_classes 0")])
+def test_aoti_sidecar_fields_are_checked(tmp_path, field, value, words):
+    path = tmp_path / "m.pt2"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("m/data/aotinductor/model/x_metadata.json", json.dumps({"AOTI_DEVICE_KEY": "cpu"}))
+    runtime.sidecar_path(path).write_text(json.dumps({field: value}))
+    with pytest.raises(CompressorError, match=words):
+        runtime.load(path)
+
+
+def test_onnx_recorded_batch_limit_is_checked(tmp_path):
+    from compressor.export import onnx
+
+    path = onnx.export(models.create("conv4", 10, 1).eval(), tmp_path / "m.onnx", torch.zeros(2, 1, 28, 28))
+    onnx.write_metadata(path, {onnx.MAX_BATCH_KEY: "lots"})
+    with pytest.raises(CompressorError, match="max_batch 'lots' is not a positive whole number"):
+        runtime.load(path)
