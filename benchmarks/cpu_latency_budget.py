@@ -51,8 +51,10 @@ from compressor import latency, models, surgery  # noqa: E402
 from compressor.budget import Budget, solve_widths  # noqa: E402
 from compressor.errors import BudgetError  # noqa: E402
 from compressor.files import write_json, write_text  # noqa: E402
+from compressor.latency.table import library_versions  # noqa: E402
+from compressor.latency.timing import Timer  # noqa: E402
 from compressor.plan import PruningPlan  # noqa: E402
-from compressor.provenance import git_commit  # noqa: E402
+from compressor.provenance import device_name, git_commit  # noqa: E402
 
 GOAL = 0.10  # each latency plan's measured fraction within +/-10% of its target
 
@@ -171,9 +173,9 @@ def main(argv=None) -> int:
     result = {"model": name, "checkpoint": args.checkpoint, "weights": "trained" if args.checkpoint else "random",
               "data": (f"{args.dataset} from {args.data_dir}" if data is not None else "none (random inputs; "
                        "latency does not depend on weights)"),
-              "backend": "ort-cpu", "device": latency.device_label(torch.device("cpu")),
+              "backend": "ort-cpu", "device": device_name(torch.device("cpu")),
               "threads": args.threads or "onnxruntime default", "torch_threads": torch.get_num_threads(),
-              "versions": latency.library_versions("ort-cpu"), "python": platform.python_version(),
+              "versions": library_versions("ort-cpu"), "python": platform.python_version(),
               "command": shlex.join([sys.executable, *sys.argv]), "commit": git_commit() or "unknown",
               "date": started.isoformat(timespec="seconds"), "step": args.step, "round_to": args.round_to,
               "goal": f"each latency plan within +/-{GOAL:.0%} of its target, measured in one interleaved run",
@@ -186,7 +188,6 @@ def main(argv=None) -> int:
                                     table_iters=args.table_iters, check_seconds=args.check_seconds,
                                     validate=args.validate, calibrate=args.calibrate)
         lat = latency.LatencyModel(graph, lspec, args.round_to, args.max_ratio)
-        latency.activate(lat)
         entry = {"batch": batch, "table": {k: lat.report[k] for k in ("table", "table_from_cache", "table_seconds",
                                                                        "grid")},
                  "dense_ms": lat.dense_ms, "alpha": lat.alpha, "model_error": lat.report["model_error"],
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
         plans = {}
         for target in targets:
             try:
-                sol = solve_widths(graph, Budget("latency", target, latency=lspec), None, args.round_to, args.max_ratio)
+                sol = solve_widths(graph, Budget("latency", target, latency=lat), None, args.round_to, args.max_ratio)
             except BudgetError as exc:
                 entry["targets"].append({"target": target, "error": str(exc)})
                 print(f"[batch {batch}] target {target}: {exc}", flush=True)
@@ -234,7 +235,7 @@ def main(argv=None) -> int:
         # one interleaved run: dense and every plan
         final_spec = latency.LatencySpec("ort-cpu", batch, cache_dir=args.cache, step=args.step,
                                          threads=args.threads, check_seconds=args.final_seconds, verbose=False)
-        lat.runner = latency.Runner(final_spec, lat.device)
+        lat.timer = Timer(final_spec, lat.device)
         measured = lat.measure(plans)
         entry["interleaved"] = {"ms": measured["ms"], "fraction": measured["fraction"], "rounds": measured["rounds"],
                                 "seconds": args.final_seconds}
@@ -265,7 +266,6 @@ def main(argv=None) -> int:
                       f"{row.get('mac_plan', {}).get('accuracy', {}).get('finetuned', float('nan')):.2%}", flush=True)
         entry["seconds"] = time.perf_counter() - t0
         result["batches"].append(entry)
-        latency.activate(None)
     result["seconds"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     base = Path(args.out or ROOT / "benchmarks" / "results" / f"cpu-latency-budget-{name}")
     base.parent.mkdir(parents=True, exist_ok=True)

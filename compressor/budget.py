@@ -8,14 +8,15 @@ on a pruned copy. An analytic cost model keeps the search cheap: each layer's de
 and parameters (from the counter) scale with the kept share of its input and output
 channel groups.
 
-A ``latency`` budget (measured time on a backend, see :mod:`compressor.latency`) prices
-widths with a measured per-layer lookup table instead, searches only widths on that
-table's grid, and checks the result by timing the whole pruned model.
+A ``latency`` budget (measured time on a backend) carries its cost model: a
+:class:`LatencyCost`, defined here and implemented by :class:`compressor.latency.LatencyModel`
+(a measured per-layer lookup table), which prices widths, offers only widths on its grid, and
+checks the result by timing the whole pruned model.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import torch
 import torch_pruning as tp
@@ -25,6 +26,23 @@ from .plan import PruningPlan
 from .surgery import PRUNABLE_TYPES, Cost, Graph, count, pruned_copy
 
 METRICS = ("macs", "params", "latency")
+LATENCY_TOLERANCE = 0.10  # a latency budget's plan must measure within 10% of its target (relative)
+
+
+class LatencyCost(Protocol):
+    """What a latency budget needs from its cost model (``compressor.latency.LatencyModel``): it prices
+    group widths of one traced graph as a fraction of the dense latency, narrows each group's widths to
+    those worth choosing, and solves (measuring the result) given the bisection ``search``."""
+
+    spec: object  # what is measured and where (backend, batch, ...): for messages
+
+    def check_prices(self, graph: Graph) -> None: ...
+
+    def fraction(self, widths: dict[str, int]) -> float: ...
+
+    def choices(self, allowed: dict[str, list[int]]) -> dict[str, list[int]]: ...
+
+    def solve(self, budget: "Budget", search, choices: dict[str, list[int]]) -> tuple[dict[str, int], dict]: ...
 
 
 @dataclass(frozen=True)
@@ -32,9 +50,9 @@ class Budget:
     metric: str  # "macs", "params" or "latency"
     fraction: float  # share of the dense model's cost to keep
     tolerance: float = 0.01  # absolute, in the kept fraction: 0.25 lands in [0.24, 0.26]
-    # latency: a compressor.latency.LatencySpec (backend, batch, cache, ...); a latency Budget without one
-    # uses the active latency model (compressor.latency.prepare), as criteria that build step budgets do
-    latency: Any = field(default=None, compare=False)
+    # latency: the cost model a latency budget is met with (compressor.latency.prepare builds it); a
+    # criterion's step budget keeps it: dataclasses.replace(budget, fraction=..., tolerance=...)
+    latency: LatencyCost | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -42,23 +60,27 @@ class Budget:
         if not 0.0 < self.fraction <= 1.0:
             raise BudgetError(f"a budget is the fraction of {self.metric} to keep, in (0, 1]; got {self.fraction}")
         if self.metric == "latency" and self.tolerance == 0.01:  # the default: relative for measured time
-            from .latency import TOLERANCE
-
-            object.__setattr__(self, "tolerance", TOLERANCE * self.fraction)
+            object.__setattr__(self, "tolerance", LATENCY_TOLERANCE * self.fraction)
 
     def __str__(self):
         if self.metric == "latency" and self.latency is not None:
-            return f"{self.fraction:.4g} of latency ({self.latency.backend}, batch {self.latency.batch})"
+            spec = self.latency.spec
+            return f"{self.fraction:.4g} of latency ({spec.backend}, batch {spec.batch})"
         return f"{self.fraction:.4g} of {self.metric.upper() if self.metric == 'macs' else self.metric}"
+
+    def step(self, fraction: float, tolerance: float | None = None) -> "Budget":
+        """The same kind of budget (its latency model included) at another fraction: a criterion's step.
+        Without ``tolerance``, the default for that fraction (relative for latency)."""
+        return Budget(self.metric, fraction, 0.01 if tolerance is None else tolerance, self.latency)
 
 
 class CostModel:
-    """MACs and parameters (and latency, while a latency model is active) as a function of group widths."""
+    """MACs and parameters (and latency, given a latency cost model) as a function of group widths."""
 
-    def __init__(self, graph: Graph):
-        from .latency import active_for
-
-        self.latency = active_for(graph)  # criteria that read fractions()["latency"] get the measured model
+    def __init__(self, graph: Graph, latency: LatencyCost | None = None):
+        if latency is not None:
+            latency.check_prices(graph)
+        self.latency = latency  # criteria that read fractions()["latency"] get the measured model
         model, x = graph.model, graph.example_inputs
         was_training = model.training
         model.eval()
@@ -103,6 +125,17 @@ class CostModel:
         return found
 
 
+def latency_cost(budget: Budget, graph: Graph) -> LatencyCost | None:
+    """A latency budget's cost model, checked against ``graph``; None for other budgets."""
+    if budget.metric != "latency":
+        return None
+    if budget.latency is None:
+        raise BudgetError("a latency budget needs its latency model: compressor.latency.prepare(spec, graph) "
+                          "builds the Budget (or Budget('latency', F, latency=LatencyModel(graph, spec)))")
+    budget.latency.check_prices(graph)
+    return budget.latency
+
+
 def allowed_widths(full: int, round_to: int, max_ratio: float, group=None) -> list[int]:
     """Widths a group may take: multiples of round_to, at least (1 - max_ratio) of full, and full itself.
 
@@ -138,7 +171,7 @@ def global_widths(graph: Graph, scores: dict[str, torch.Tensor], budget: Budget,
     scales, filter norms) live on different scales, and one raw threshold starves the layers whose
     scores happen to be small. ``floors``: least widths, as in :func:`solve_widths`.
     """
-    cost = CostModel(graph)
+    cost = CostModel(graph, latency_cost(budget, graph))
     choices = allowed_choices(graph, round_to, max_ratio, floors)
     if normalise:
         scores = {g: s.float() / s.float().mean().clamp_min(1e-12) for g, s in scores.items()}
@@ -186,11 +219,8 @@ def solve_widths(
     full = model_cost.full
     ratios = {g: 1.0 for g in full} if ratios is None else {g: max(0.0, float(ratios.get(g, 0.0))) for g in full}
     choices = allowed_choices(graph, round_to, max_ratio, floors)
-    lat = None
-    if budget.metric == "latency":  # measured widths only, less those no faster than a wider one
-        from . import latency
-
-        lat = latency.model_for(graph, budget, round_to, max_ratio)
+    lat = latency_cost(budget, graph)
+    if lat is not None:  # measured widths only, less those no faster than a wider one
         choices = lat.choices(choices)
 
     def frac(widths):
@@ -228,7 +258,7 @@ def solve_widths(
         return _nudge(at_scale(s), choices, frac, target, budget.tolerance / 4, ideal(s))
 
     if lat is not None:  # measured whole on the backend, the target corrected by the miss
-        widths, report = latency.solve(lat, budget, search, choices)
+        widths, report = lat.solve(budget, search, choices)
         return Solution(widths, report["solves"][report["chosen"] - 1]["measured"], {"latency": report})
     dense = count(graph.model, graph.example_inputs)
     target, best = budget.fraction, None

@@ -40,10 +40,23 @@ def git_commit() -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the platform's word for it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
+    """The one name of a device in every result: the GPU's name, or the CPU's model, cores and threads."""
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_model()}, {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def stamp(command: list[str] | None, device: torch.device) -> dict:

@@ -155,10 +155,12 @@ class Graph:
 
 @contextlib.contextmanager
 def _tracking_modules(model: nn.Module, record: dict):
-    """Record the innermost module running (to name it when tracing fails) and each leaf's output."""
+    """Record the innermost module running (to name it when tracing fails), each leaf's output, and each
+    leaf's call (name, module, first input's shape) in order."""
     names = {m: n for n, m in model.named_modules()}
     stack: list[str] = []
     record.setdefault("outputs", [])
+    record.setdefault("calls", [])
     record["stack"] = stack  # the modules running now, innermost last
 
     def pre(module, _inputs):
@@ -170,6 +172,8 @@ def _tracking_modules(model: nn.Module, record: dict):
             stack.pop()
         if not list(module.children()):
             record["outputs"].append((names.get(module, "?"), output))
+            if _inputs and isinstance(_inputs[0], torch.Tensor):
+                record["calls"].append((names.get(module, "?"), module, tuple(_inputs[0].shape)))
 
     handles = []
     for m in model.modules():
@@ -193,6 +197,15 @@ def _output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Mo
     if not hits:  # output passed through a functional op: take the last conv/linear that ran
         hits = [name for name, _ in record["outputs"] if isinstance(model.get_submodule(name), PRUNABLE_TYPES)][-1:]
     return [model.get_submodule(name) for name in hits]
+
+
+def leaf_calls(model: nn.Module, example_inputs: torch.Tensor) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """Each leaf module in the order it runs on ``example_inputs`` (eval mode, no gradients): its name,
+    the module and its input's shape. The same hooks as tracing: the latency table reads its layers here."""
+    record: dict = {}
+    with _eval_mode(model), torch.no_grad(), _tracking_modules(model, record):
+        model(example_inputs)
+    return record["calls"]
 
 
 @contextlib.contextmanager

@@ -92,3 +92,21 @@ def test_a_format_registered_in_one_place_is_exported(run_dir, toy_format, tmp_p
     assert (tmp_path / "out" / "conv4-pruned.ts").is_file()
     assert json.loads((tmp_path / "out" / "export.json").read_text())["toy-ts"]["path"].endswith(".ts")
     assert RunDir(run_dir).read_metrics()["export"]["toy-ts"] == results["toy-ts"]
+
+
+def test_a_registered_backend_is_a_latency_backend(toy_backend, tmp_path):
+    """The bench's registry is the latency budget's too: the toy backend, registered above and nowhere else,
+    times a latency table, calibrates the model and checks a plan measured whole."""
+    from compressor import latency, models, surgery
+    from compressor.budget import solve_widths
+
+    assert "toy-eager" in latency.backend_names()
+    graph = surgery.trace(models.create("conv4", 10, 1).eval(), torch.randn(2, 1, 28, 28))
+    spec = latency.LatencySpec("toy-eager", 1, cache_dir=str(tmp_path), step=16, fraction=0.6, table_iters=2,
+                               check_seconds=0.1, validate=1, calibrate=1, verbose=False)
+    budget = latency.prepare(spec, graph, torch.device("cpu"), round_to=8, max_ratio=0.9)
+    assert budget.latency.table.measured and budget.latency.device.type == "cpu"
+    points = sum(len(e["in"]) * len(e["out"]) for e in budget.latency.table.layers.values())
+    assert len(toy_backend) >= points  # every table point was built by the toy backend
+    solution = solve_widths(graph, budget, None, round_to=8, max_ratio=0.9)
+    assert solution.fractions["latency"]["solves"] and 0 < solution.fraction <= 1.5

@@ -16,13 +16,6 @@ from compressor.models.vgg import VGG
 FAST = dict(threads=1, table_iters=3, check_seconds=0.3, validate=2, calibrate=1)
 
 
-@pytest.fixture(autouse=True)
-def _no_active_model():
-    latency.activate(None)
-    yield
-    latency.activate(None)
-
-
 def conv4_graph():
     torch.manual_seed(0)
     model = models.create("conv4", 10, 1).eval()
@@ -111,7 +104,6 @@ def hand_model(tmp_path, costs_a, costs_b):
     lat = LatencyModel(graph, spec, round_to=4, table=LatencyTable({}, layers), measure=False)
     lat.check = lambda widths: {"fraction": lat.fraction(widths), "ms": lat.predict_ms(widths),
                                 "dense_ms": lat.predict_ms(lat.full)}
-    latency.activate(lat)
     return graph, lat
 
 
@@ -120,18 +112,38 @@ def test_solver_known_optimum_avoids_slow_widths(tmp_path):
     graph, lat = hand_model(tmp_path, {4: 1.0, 8: 3.0, 12: 2.0, 16: 4.0}, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0})
     assert lat.choices({"a": [4, 8, 12, 16], "b": [4, 8, 12, 16]}) == {"a": [4, 12, 16], "b": [4, 8, 12, 16]}
     # 5 of 8 ms: best under uniform ratios is a=12 (2 ms) + b=12 (3 ms), exactly 0.625, never a=8
-    sol = solve_widths(graph, Budget("latency", 0.625), None, round_to=4, max_ratio=0.95)
+    sol = solve_widths(graph, Budget("latency", 0.625, latency=lat), None, round_to=4, max_ratio=0.95)
     assert sol.widths == {"a": 12, "b": 12} and sol.fraction == pytest.approx(0.625)
     report = sol.fractions["latency"]
     assert report["met"] and report["solves"][0]["predicted"] == pytest.approx(0.625)
     # the criterion's ratios still rank the groups: prune only b
-    sol = solve_widths(graph, Budget("latency", 0.75), {"a": 0.0, "b": 1.0}, round_to=4, max_ratio=0.95)
+    sol = solve_widths(graph, Budget("latency", 0.75, latency=lat), {"a": 0.0, "b": 1.0}, round_to=4, max_ratio=0.95)
     assert sol.widths == {"a": 16, "b": 8}
     # criteria that price widths through CostModel get the same latency fraction
     widths = {"a": 12, "b": 4}
-    assert CostModel(graph).fractions(widths)["latency"] == pytest.approx(lat.fraction(widths)) == 3 / 8
+    assert CostModel(graph, lat).fractions(widths)["latency"] == pytest.approx(lat.fraction(widths)) == 3 / 8
     with pytest.raises(BudgetError, match="reaches"):
-        solve_widths(graph, Budget("latency", 0.1), None, round_to=4, max_ratio=0.95)
+        solve_widths(graph, Budget("latency", 0.1, latency=lat), None, round_to=4, max_ratio=0.95)
+
+
+def test_each_budget_carries_its_own_model(tmp_path):
+    """No state between budgets: two latency models in one process (as a study holds them, for two backends or
+    batches) each solve with their own table, in any order, and a model refuses a graph it was not built for."""
+    graph_fast, fast = hand_model(tmp_path, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0}, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0})
+    # the second backend: a's widths below full cost as much as full (a kernel that does not care), b is linear
+    graph_flat, flat = hand_model(tmp_path, {4: 4.0, 8: 4.0, 12: 4.0, 16: 4.0}, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0})
+    for _ in range(2):
+        on_flat = solve_widths(graph_flat, Budget("latency", 0.75, latency=flat), None, round_to=4, max_ratio=0.95)
+        on_fast = solve_widths(graph_fast, Budget("latency", 0.75, latency=fast), None, round_to=4, max_ratio=0.95)
+        assert on_flat.widths == {"a": 16, "b": 8}  # pruning a buys nothing on this backend
+        assert on_fast.widths["a"] < 16
+    other = small_vgg_graph()
+    with pytest.raises(BudgetError, match="another network"):
+        solve_widths(other, Budget("latency", 0.5, latency=fast), None, round_to=4, max_ratio=0.95)
+    with pytest.raises(BudgetError, match="needs its latency model"):
+        solve_widths(graph_fast, Budget("latency", 0.5), None, round_to=4, max_ratio=0.95)
+    step = Budget("latency", 0.75, latency=fast).step(0.9)
+    assert step.latency is fast and step.tolerance == pytest.approx(latency.TOLERANCE * 0.9)
 
 
 def test_global_widths_with_latency(tmp_path):
@@ -139,7 +151,7 @@ def test_global_widths_with_latency(tmp_path):
 
     graph, lat = hand_model(tmp_path, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0}, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0})
     scores = {"a": torch.arange(16.0), "b": torch.arange(16.0) + 0.5}
-    widths = global_widths(graph, scores, Budget("latency", 0.5), 4, 0.95)
+    widths = global_widths(graph, scores, Budget("latency", 0.5, latency=lat), 4, 0.95)
     assert lat.fraction(widths) <= 0.5 + 1e-9
 
 
@@ -147,7 +159,7 @@ def test_correction_loop(tmp_path, capsys):
     graph, lat = hand_model(tmp_path, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0}, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0})
     # the backend runs every pruned model 40% slower than predicted: the solver aims lower and says so
     lat.check = lambda widths: {"fraction": min(1.0, 1.4 * lat.fraction(widths)), "ms": 0.0, "dense_ms": 8.0}
-    sol = solve_widths(graph, Budget("latency", 0.7), None, round_to=4, max_ratio=0.95)
+    sol = solve_widths(graph, Budget("latency", 0.7, latency=lat), None, round_to=4, max_ratio=0.95)
     report = sol.fractions["latency"]
     assert len(report["solves"]) >= 2 and report["solves"][1]["solver_target"] < 0.7
     assert abs(sol.fraction - 0.7) <= 0.07
@@ -161,7 +173,7 @@ def test_budget_met_within_the_product_tolerance(tmp_path, distortion, target):
     table and a deterministic backend that runs pruned models otherwise than the table predicts."""
     graph, lat = hand_model(tmp_path, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0}, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0})
     lat.check = lambda widths: {"fraction": min(1.0, distortion(lat.fraction(widths))), "ms": 0.0, "dense_ms": 8.0}
-    sol = solve_widths(graph, Budget("latency", target), None, round_to=4, max_ratio=0.95)
+    sol = solve_widths(graph, Budget("latency", target, latency=lat), None, round_to=4, max_ratio=0.95)
     assert abs(sol.fraction - target) / target <= latency.TOLERANCE
     assert sol.fractions["latency"]["met"]
 
@@ -173,9 +185,10 @@ def test_budget_measured_on_a_cpu_backend(tmp_path, make, backend):
     its grid, and the plan measured whole. Whether it lands within 10% depends on a shared machine's noise,
     so that promise is checked above, on a deterministic backend."""
     graph = make()
-    spec = LatencySpec(backend, 1, cache_dir=str(tmp_path), step=8, **FAST)
-    sol = solve_widths(graph, Budget("latency", 0.5, latency=spec), None, round_to=4, max_ratio=0.95)
-    lat = latency.active_for(graph)
+    spec = LatencySpec(backend, 1, cache_dir=str(tmp_path), step=8, fraction=0.5, **FAST)
+    budget = latency.prepare(spec, graph, round_to=4, max_ratio=0.95)
+    sol = solve_widths(graph, budget, None, round_to=4, max_ratio=0.95)
+    lat = budget.latency
     assert lat is not None and lat.spec.backend == backend
     assert lat.report["model_error"]["calibrated"]["configs"] == 2
     assert all(w in lat.grids[g] for g, w in sol.widths.items())
@@ -227,7 +240,7 @@ def test_cli_parses_latency_budget():
 def test_run_reports_latency(tmp_path, monkeypatch):
     from compressor.pipeline import RunConfig, run
 
-    monkeypatch.setattr(latency, "LatencySpec", functools.partial(LatencySpec, **FAST))
+    monkeypatch.setattr(latency.run, "LatencySpec", functools.partial(LatencySpec, **FAST))
     config = RunConfig(model="conv4", dataset="digits", epochs=0, finetune_epochs=0, budget_metric="latency",
                        budget=0.5, latency_cache=str(tmp_path / "cache"), latency_step=16, out=str(tmp_path / "run"))
     metrics = run(config)
@@ -241,12 +254,12 @@ def test_run_reports_latency(tmp_path, monkeypatch):
 
 
 def test_cold_caches_for_models_that_overflow_the_cache(monkeypatch):
-    from types import SimpleNamespace
+    from compressor.latency import timing
 
-    monkeypatch.setattr(latency, "last_level_cache_bytes", lambda: 32 << 20)
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 32 << 20)
     spec = LatencySpec("ort-cpu", 1)
-    big = SimpleNamespace(model=nn.Linear(4096, 4096))  # 64 MiB of fp32 weights: timed cold
-    small = SimpleNamespace(model=nn.Linear(64, 64))
+    big = nn.Linear(4096, 4096)  # 64 MiB of fp32 weights: timed cold
+    small = nn.Linear(64, 64)
     assert latency.cold_layers(big, spec, torch.device("cpu"))
     assert not latency.cold_layers(small, spec, torch.device("cpu"))
     assert not latency.cold_layers(big, spec, torch.device("cuda"))

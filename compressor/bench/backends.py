@@ -18,7 +18,8 @@ CUDA GPU, where it does), ``tensorrt`` (True: needs TensorRT, checked before any
 runs the PyTorch module, so on a GPU its inputs are channels_last like its weights), ``release`` (a function called
 after the backend's points, to free what it cached) and ``accuracy`` (where the report finds the
 top-1 of what it runs: ``"pytorch"`` for the run's own fp32 accuracy, else the export format
-whose ``export.json`` entry holds it).
+whose ``export.json`` entry holds it), ``runtime`` (the distributions whose version its timings depend on,
+beside torch's: a latency table measured with another version is measured again).
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ class Build:
     max_batch: int  # the largest batch size it will be called with
     compile_mode: str = "default"
     checkpoint: Path | None = None  # the checkpoint the model came from
+    threads: int | None = None  # ONNX Runtime intra-op threads (None: its default)
 
 
 def _precisions(backend: str) -> tuple[str, ...]:
@@ -126,7 +128,7 @@ def check_compile_mode(mode: str) -> str:
 
 def prepare(backend: str, model: nn.Module, example: torch.Tensor, device: torch.device, precision: str,
             workdir: Path, label: str, max_batch: int, compile_mode: str = "default",
-            checkpoint: Path | None = None) -> Prepared:
+            checkpoint: Path | None = None, threads: int | None = None) -> Prepared:
     """Build ``backend``'s runnable form of ``model`` (artifacts go to ``workdir``)."""
     entry = BACKENDS.get(backend)
     if not applies(backend, precision):
@@ -138,7 +140,7 @@ def prepare(backend: str, model: nn.Module, example: torch.Tensor, device: torch
         model.to(memory_format=torch.channels_last)
     workdir.mkdir(parents=True, exist_ok=True)
     return entry.target(model, Build(example, device, precision, dtype, workdir, label, max_batch, compile_mode,
-                                     checkpoint))
+                                     checkpoint, threads))
 
 
 def release(backend: str) -> None:
@@ -184,6 +186,7 @@ def build_aoti(model: nn.Module, b: Build) -> Prepared:
 
 
 @BACKENDS.register("ort", default=True, precisions=PRECISIONS, accuracy="onnx",
+                   runtime=("onnxruntime-gpu", "onnxruntime"),
                    help="ONNX Runtime (CPU, or CUDA with onnxruntime-gpu); int8: a QDQ ONNX")
 def build_ort(model: nn.Module, b: Build) -> Prepared:
     from ..export import onnx
@@ -194,12 +197,13 @@ def build_ort(model: nn.Module, b: Build) -> Prepared:
     else:
         path = onnx.export(model, b.workdir / f"{b.label}-{b.precision}.onnx", b.example,
                            fp16=b.precision == "fp16")
-    return Prepared(onnx.OnnxRuntimeModel(path, b.device.type), torch.float32, False,
+    return Prepared(onnx.OnnxRuntimeModel(path, b.device.type, b.threads, quiet=True), torch.float32, False,
                     note="IOBinding on CUDA" if b.device.type == "cuda" else "CPU provider",
                     artifact=path, format="onnx")
 
 
 @BACKENDS.register("trt", gpu_only="TensorRT engines run only on NVIDIA GPUs", tensorrt=True, accuracy="trt",
+                   runtime=("tensorrt",),
                    help="a TensorRT engine (NVIDIA GPU and TensorRT only)")
 def build_trt(model: nn.Module, b: Build) -> Prepared:
     from ..export import onnx, tensorrt

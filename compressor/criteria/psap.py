@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budget import Budget, solve_widths
+from ..budget import solve_widths
 from ..errors import CompressorError
 from ..plan import PruningPlan
 from ..surgery import PRUNABLE_TYPES, Graph
@@ -252,7 +252,7 @@ def psap(request: PlanRequest, config: PSAPConfig) -> PruningPlan:
         tolerance = budget.tolerance if step == steps else max(budget.tolerance, 0.03)
         found = sparsity(graph, masks, threshold)
         ratios = {n: v + 1e-3 for n, v in found.items()}  # a layer with no small weights still gives a little
-        widths = solve_widths(graph, Budget(budget.metric, target, tolerance), ratios, request.round_to,
+        widths = solve_widths(graph, budget.step(target, tolerance), ratios, request.round_to,
                               request.max_ratio).widths
         pruned = _top(step_scores(graph, masks, grads, restored), widths, graph)
         regrown = {n: int((pruned[n] & ~masks[n]).sum()) for n in masks}

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
-from ..budget import Budget, solve_widths
+from ..budget import solve_widths
 from ..checks import number
 from ..data import ImageData
 from ..data import batches as data_batches
@@ -190,7 +190,7 @@ def sensitivity(request: PlanRequest, config: SensitivityConfig) -> PruningPlan:
         relative = min(1.0, kept_target / current)
         # intermediate steps only need to be roughly on the way; the last one must meet the budget
         tolerance = request.budget.tolerance / current if step == steps else 0.05
-        plan = _plan(work_graph, analysis, Budget(request.budget.metric, relative, tolerance), request)
+        plan = _plan(work_graph, analysis, request.budget.step(relative, tolerance), request)
         origin = {g: [origin[g][i] for i in plan.keep.get(g, range(len(origin[g])))] for g in origin}
         apply(work, plan, x, graph=work_graph)
         if step < steps and step_epochs:

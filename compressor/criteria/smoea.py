@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed
-from ..budget import CostModel, solve_widths
+from ..budget import CostModel, latency_cost, solve_widths
 from ..data import batches as data_batches
 from ..data import val_subset
 from ..errors import BudgetError, CompressorError
@@ -300,7 +300,7 @@ def smoea(request: PlanRequest, config: SMOEAConfig) -> PruningPlan:
                 "budget": [budget.metric, budget.fraction],
                 "mutation": config.mutation, "max_ratio": request.max_ratio,
                 "train": train_config(request, step_epochs, request.seed).as_dict()}
-    cost = CostModel(graph)
+    cost = CostModel(graph, latency_cost(budget, graph))
     reference = solve_widths(graph, budget, None, 1, request.max_ratio).widths
     blocks = blocks_by_size(graph, group_size)
     masks = masking.full_masks(graph)
