@@ -27,15 +27,6 @@ E2E_FILES = {"test_cli.py", "test_distributed.py", "test_resume.py", "test_servi
              "test_zoo.py", "test_bench.py", "test_export.py", "test_quantize.py", "test_extending_backend.py"}
 
 
-@pytest.fixture(autouse=True)
-def autograd_left_on():
-    """A test that leaves autograd off breaks every later test that trains; fail the one that did it."""
-    yield
-    if not torch.is_grad_enabled():
-        torch.set_grad_enabled(True)
-        pytest.fail("this test left autograd disabled (torch.is_grad_enabled() is False after it)")
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in E2E_FILES:

@@ -157,3 +157,31 @@ def test_bare_compress_names_the_commands(capsys):
     with pytest.raises(SystemExit) as exited:  # --help still works
         main(["--help"])
     assert exited.value.code == 0 and "COMMAND" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["run", "export", "bench"])
+def test_export_and_bench_flags_are_their_configs_defaults(command):
+    """The flags are generated from ExportConfig / BenchConfig: unset, they give the API's defaults."""
+    from compressor.bench.config import BenchConfig
+    from compressor.cli import build_parser
+    from compressor.export.config import ExportConfig
+
+    args = build_parser().parse_args([command] + ([] if command == "run" else ["somewhere"]))
+    if command in ("run", "export"):
+        assert ExportConfig.from_args(args) == ExportConfig()
+        assert {f.metadata["option"]["flag"] for f in ExportConfig.options()} >= {"--trt-precision", "--no-accuracy",
+                                                                                 "--onnx-simplify", "--opset"}
+    if command in ("run", "bench"):
+        assert BenchConfig.from_args(args) == BenchConfig()
+    given = build_parser().parse_args(["run", "--trt-precision", "int8", "--no-accuracy", "--onnx-simplify",
+                                       "--precision", "fp32", "--batch-sizes", "2,4", "--rounds", "3"])
+    export_config, bench_config = ExportConfig.from_args(given), BenchConfig.from_args(given)
+    assert (export_config.precision, export_config.accuracy, export_config.simplify) == ("int8", False, True)
+    assert (bench_config.precision, bench_config.batch_sizes, bench_config.rounds) == (("fp32",), (2, 4), 3)
+
+
+def test_run_refuses_an_export_combination_before_training(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["run", "--dataset", "synthetic", "--export", "onnx-int8", "--onnx-fp16", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "drop --onnx-fp16" in err and err.count("\n") == 1 and not out.exists()

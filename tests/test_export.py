@@ -169,3 +169,17 @@ def test_export_bad_inputs(run_dir, capsys, args, words):
 def test_export_missing_source(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nothing")]) == 2
     assert "no run directory or checkpoint" in capsys.readouterr().err
+
+
+def test_export_config_takes_keywords_on_top_and_checks_them():
+    from compressor.export.config import ExportConfig
+
+    base = ExportConfig(opset=18, max_batch=64)
+    merged = ExportConfig.given(base, opt_batch=8)
+    assert (merged.opset, merged.max_batch, merged.opt_batch) == (18, 64, 8) and ExportConfig.given(base) is base
+    with pytest.raises(CompressorError, match="need 1 <= min batch <= opt batch <= max batch, got 1, 128, 64"):
+        ExportConfig.given(base, opt_batch=128)
+    with pytest.raises(TypeError, match="opset_version"):
+        ExportConfig.given(base, opset_version=18)
+    with pytest.raises(CompressorError, match="expected ExportConfig settings, not a dict"):
+        ExportConfig.given({"opset": 18})

@@ -18,7 +18,8 @@ from compressor.cli import main
 from compressor.data import DeviceBatches
 from compressor.errors import CompressorError
 from compressor.export import onnx, parse_formats, quantize
-from compressor.export.run import check_options, split_accuracy
+from compressor.export.config import ExportConfig
+from compressor.export.run import split_accuracy
 from compressor.pipeline import RunConfig, run
 
 INT8_TOLERANCE_POINTS = 2.0  # int8 vs fp32 top-1 accuracy on the synthetic test split
@@ -140,17 +141,17 @@ def test_calibration_images_are_seeded_and_normalised_like_the_model_inputs(synt
 def test_bad_options_are_refused(trained, tmp_path, capsys):
     _, fp32, images = trained
     with pytest.raises(CompressorError, match="--calibration-images must be at least 1, got 0"):
-        quantize.check_options(0, "minmax")
+        ExportConfig(calibration_images=0, calibration_method="minmax")
     with pytest.raises(CompressorError, match="--calibration-method must be one of minmax, entropy, percentile"):
-        quantize.check_options(512, "kl")
+        ExportConfig(calibration_images=512, calibration_method="kl")
     with pytest.raises(CompressorError, match="--calibration-method"):
         quantize.quantize(fp32, tmp_path / "x.onnx", images, "kl")
     with pytest.raises(CompressorError, match="--calibration-images"):
-        check_options(calibration_images=-3)
+        ExportConfig(calibration_images=-3)
     with pytest.raises(CompressorError, match="--trt-int8"):
-        check_options(trt_int8="implicit")
+        ExportConfig(trt_int8="implicit")
     with pytest.raises(CompressorError, match="int8_min_agreement"):
-        check_options(int8_min_agreement=1.5)
+        ExportConfig(int8_min_agreement=1.5)
     with pytest.raises(CompressorError, match="already quantized"):
         quantize.quantize(quantize.quantize(fp32, tmp_path / "q.onnx", images[:32]), tmp_path / "qq.onnx", images)
     assert parse_formats("onnx,onnx-int8") == ["onnx", "onnx-int8"]

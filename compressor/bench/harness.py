@@ -87,10 +87,6 @@ def measure(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device:
     return result
 
 
-class PointTimeout(Exception):
-    """A benchmark point ran past its time cap."""
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

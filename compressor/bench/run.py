@@ -13,24 +13,34 @@ one that runs past it is recorded as timed out (and not retried by ``--resume``)
 that fails is recorded with its error (``--resume`` tries it again). ``--total-seconds``
 bounds a whole invocation: points it leaves undone are not recorded, and ``--resume``
 does them next time.
+
+The builds and the timings run in a worker process (:class:`compressor.bench.worker.Worker`: a fresh interpreter
+started once per bench, that loads the two checkpoints itself and holds one backend's builds
+at a time). A build or a point that passes its cap is ended by killing the worker, which is
+started again (and builds that backend again) for the points after; this process only waits,
+so a timeout cannot leave it half-way through torch code (an exception raised into it by a
+timer once left autograd off for the rest of the process). The timing loop also stops itself
+at the cap (``interleave(max_seconds=...)``) and keeps what it measured; the kill, a little
+later, is for a build or a call that never returns. A crash of the worker (a segfault in a
+runtime) is recorded as that point's error. CUDA runs in the worker as well: it has its own
+context, and killing it frees what it held (this process empties its own cache first, so memory
+that `compress run --bench` trained with is not held beside it). The worker costs a second or
+two per bench (importing torch, overlapped with this process's loading) and again after each
+kill. A backend the worker cannot import (one registered inside a function, as a test does) is
+built and timed in this process, where only the timing loop's own cap applies.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .. import checkpoint, surgery
 from ..artifacts import sha256
-from ..checks import number
 from ..errors import CompressorError
 from ..files import failpoint, write_json, write_text
 from ..provenance import device_name, versions
@@ -38,47 +48,14 @@ from ..rundir import RunDir
 from ..train import pick_device
 from . import backends as B
 from . import report
-from .harness import PointTimeout, measure_pair
+from . import worker as workers
+from .config import BenchConfig
 
 JSONL = RunDir("").bench_jsonl.name  # bench.jsonl
 FORMAT = 2  # of bench.jsonl; a file of another format is refused on --resume
 
 MODELS = ("dense", "pruned")
-
-
-def parse_batch_sizes(text: str | list[int] | None) -> list[int]:
-    """Batch sizes from "1,32" (or a list of whole numbers), each at least 1."""
-    if text is not None and not isinstance(text, str):  # the API may pass a list
-        sizes = list(text) if isinstance(text, (list, tuple)) else [text]
-        for b in sizes:
-            number("--batch-sizes", b, integer=True, low=1)
-        if not sizes:
-            raise CompressorError("--batch-sizes needs at least one batch size")
-        return sizes
-    try:
-        sizes = [int(b) for b in (text or "1,32").split(",") if b.strip()]
-    except ValueError:
-        raise CompressorError(f"--batch-sizes takes whole numbers separated by commas, not {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise CompressorError(f"--batch-sizes must be positive, got {text!r}")
-    return sizes
-
-
-def check_options(batch_sizes: str | list[int] | None = None, warmup: int = 10, min_iters: int = 30,
-                  min_seconds: float = 1.0, rounds: int = 10, compile_mode: str = "default",
-                  point_seconds: float = 60.0, total_seconds: float | None = None) -> list[int]:
-    """Refuse a bad benchmark number (NaN and inf too) with one clear error; returns the batch sizes.
-
-    ``compress run --bench`` calls this before training, ``bench`` before loading anything.
-    """
-    number("--warmup", warmup, integer=True, low=0)
-    number("--min-iters", min_iters, integer=True, low=1)
-    number("--min-seconds", min_seconds, low=0)
-    number("--rounds", rounds, integer=True, low=1)
-    number("--point-seconds", point_seconds, low=0, low_open=True)
-    number("--total-seconds", total_seconds, low=0, low_open=True, optional=True)
-    B.check_compile_mode(compile_mode)
-    return parse_batch_sizes(batch_sizes)
+_clock = time.perf_counter  # every cap and every point's seconds
 
 
 def _checkpoint(run_dir: RunDir, model: str) -> Path:
@@ -91,50 +68,8 @@ def _artifacts(run_dir: RunDir) -> Path:
     return run_dir.bench_artifacts
 
 
-def _timed_out(exc: BaseException) -> bool:
-    """Whether ``exc`` is our time cap, perhaps wrapped by the code it interrupted (Inductor wraps it)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, PointTimeout) or "PointTimeout" in str(exc).split("\n", 1)[0]:
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
-
-
 def _key(point: dict) -> tuple:
     return point["backend"], point["precision"], point["batch"]
-
-
-@contextlib.contextmanager
-def _alarm(seconds: float | None):
-    """Raise :class:`PointTimeout` in this (main) thread after ``seconds``: the backstop for a build or
-    first call (a compile) that never returns to the timing loop. Elsewhere, only the loop's own check.
-
-    The exception lands between any two bytecodes, so it can cut a ``with torch.no_grad():`` after the
-    grad mode was switched off but before its ``__exit__`` is armed; autograd would then stay off for the
-    rest of the process (a later ``fit`` fails). The grad mode is therefore put back on the way out."""
-    if seconds is None or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def handler(signum, frame):
-        raise PointTimeout(f"over {seconds:.0f} s")
-
-    grad_enabled = torch.is_grad_enabled()
-    previous = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        torch.set_grad_enabled(grad_enabled)
 
 
 class Journal:
@@ -209,44 +144,39 @@ class Journal:
         self.file.close()
 
 
-def bench(run_dir: str | Path, backends: str | None = None, batch_sizes: str | list[int] | None = None,
-          precision: str | list[str] = "fp32", device: str = "auto", warmup: int = 10, min_iters: int = 30,
-          min_seconds: float = 1.0, argv: list[str] | None = None, *, rounds: int = 10,
-          compile_mode: str = "default", point_seconds: float = 60.0, total_seconds: float | None = None,
-          resume: bool = False, overwrite: bool = False, trusted_factories=(),
-          clock: Callable[[], float] = time.perf_counter) -> dict:
+def bench(run_dir: str | Path, config: BenchConfig | None = None, *, device: str = "auto", resume: bool = False,
+          overwrite: bool = False, argv: list[str] | None = None, trusted_factories=(), **overrides) -> dict:
     """Benchmark a run's dense and pruned models; returns what ``bench.json`` holds.
 
-    ``clock`` times the calls on a CPU (and every cap); tests pass a fake one.
+    The settings are ``config`` (:class:`BenchConfig`, default its defaults) with any of its fields
+    given as keywords on top (``bench(run, backends="eager,ort", batch_sizes="1,8")``), checked
+    before anything is read. ``resume`` continues the ``bench.jsonl`` of an interrupted bench (same
+    settings), ``overwrite`` replaces it; ``argv`` is recorded as the command. ``trusted_factories``:
+    model factories the checkpoints may name beyond the registry and torchvision.
     """
-    sizes = check_options(batch_sizes, warmup, min_iters, min_seconds, rounds, compile_mode, point_seconds,
-                          total_seconds)
+    config = BenchConfig.given(config, **overrides)
     run_dir = RunDir(run_dir)
     checkpoints = {name: _checkpoint(run_dir, name) for name in MODELS}
     for name, path in checkpoints.items():
         if not path.is_file():
             raise CompressorError(f"{run_dir} is not a finished run directory: {path.name} is missing")
     dev = pick_device(device)
-    precisions = B.check_precision(precision, dev)
-    names = B.parse_backends(backends, dev, precisions)  # int8 needs a backend that runs it
-    invocation_started = clock()
-    settings = {"device": device_name(dev), "warmup": warmup, "min_iters": min_iters, "min_seconds": min_seconds,
-                "rounds": rounds, "compile_mode": compile_mode,
+    names, precisions = config.resolve(dev)  # int8 needs a backend that runs it
+    invocation_started = _clock()
+    settings = {"device": device_name(dev), "warmup": config.warmup, "min_iters": config.min_iters,
+                "min_seconds": config.min_seconds, "rounds": config.rounds, "compile_mode": config.compile_mode,
                 "checkpoints": {name: sha256(path) for name, path in checkpoints.items()}}
     journal = Journal(run_dir.bench_jsonl, settings, resume, overwrite, argv)
-    loaded = {name: checkpoint.load(path, with_spec=True, trusted_factories=trusted_factories)
-              for name, path in checkpoints.items()}
-    spec = loaded["dense"][1]
-    example = spec.example_inputs()
-    costs = {name: surgery.count(model, example) for name, (model, _) in loaded.items()}
+    sizes = list(config.batch_sizes)
     plan = [(b, p, n) for b in names for p in precisions if B.applies(b, p) for n in sizes]
     todo = [k for k in plan if not journal.done(k)]
     if len(todo) < len(plan):
         print(f"resuming: {len(plan) - len(todo)} of {len(plan)} points already in {journal.path}", flush=True)
     left_undone = 0
+    point_seconds, total_seconds = config.point_seconds, config.total_seconds
 
     def remaining() -> float | None:
-        return None if total_seconds is None else total_seconds - (clock() - invocation_started)
+        return None if total_seconds is None else total_seconds - (_clock() - invocation_started)
 
     def spent() -> bool:
         left = remaining()
@@ -256,8 +186,22 @@ def bench(run_dir: str | Path, backends: str | None = None, batch_sizes: str | l
         left = remaining()
         return point_seconds if left is None else min(point_seconds, left)
 
+    portable = [b for b in names if workers.portable(B.BACKENDS.get(b))]
+    worker = None
+    if any(k[0] in portable for k in todo):  # started now: it imports torch while this process loads the models
+        if dev.type == "cuda" and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # what this process trained with is the worker's now
+        worker = workers.Worker(checkpoints, trusted_factories, dev, [B.BACKENDS.get(b) for b in portable])
+        worker.launch()
     try:
+        loaded = {name: checkpoint.load(path, with_spec=True, trusted_factories=trusted_factories)
+                  for name, path in checkpoints.items()}
+        spec = loaded["dense"][1]
+        example = spec.example_inputs()
+        costs = {name: surgery.count(model, example) for name, (model, _) in loaded.items()}
+        here = workers.InProcess(workers.Work(loaded, checkpoints, dev))
         for backend in names:
+            runner = worker if backend in portable else here
             for prec in precisions:
                 keys = [k for k in todo if k[0] == backend and k[1] == prec]
                 if not keys:
@@ -265,24 +209,14 @@ def bench(run_dir: str | Path, backends: str | None = None, batch_sizes: str | l
                 if spent():
                     left_undone += len(keys)
                     continue
-                built, build_s, failure = {}, {}, None
-                for name, (model, _) in loaded.items():
-                    started = clock()
-                    limit = cap()
-                    try:
-                        with _alarm(limit):
-                            built[name] = B.prepare(backend, model, example, dev, prec, _artifacts(run_dir),
-                                                    name, max(sizes), compile_mode, checkpoint=checkpoints[name])
-                        build_s[name] = clock() - started
-                    except Exception as exc:  # noqa: BLE001 - one backend's failure must not lose the others
-                        failure = (("timed_out", f"building {name} took over {limit:.0f} s", clock() - started)
-                                   if _timed_out(exc) else
-                                   ("error", f"building {name}: {_one_line(exc)}", clock() - started))
-                        break
-                if failure and failure[0] == "timed_out" and limit < point_seconds:  # the budget ran out, not the cap
-                    left_undone += len(keys)
-                    continue
-                for key in keys:
+                failure = None
+                for i, key in enumerate(keys):
+                    if failure is None and runner.group != (backend, prec):  # first, or after a kill: build
+                        failure, limit = _build(runner, backend, prec, cap, _artifacts(run_dir), max(sizes),
+                                                config.compile_mode)
+                        if failure and failure[0] == "timed_out" and limit < point_seconds:  # the budget ran out
+                            left_undone += len(keys) - i
+                            break
                     if failure:
                         point = {"type": "point", "backend": backend, "precision": prec, "batch": key[2],
                                  "status": failure[0], "error": failure[1], "seconds": failure[2]}
@@ -290,8 +224,7 @@ def bench(run_dir: str | Path, backends: str | None = None, batch_sizes: str | l
                         if spent():
                             left_undone += 1
                             continue
-                        point = _time_point(key, built, build_s, spec, dev, warmup, rounds, min_iters, min_seconds,
-                                            cap(), point_seconds, clock)
+                        point = _time_point(key, runner, config, cap())
                         if point is None:  # the total budget ran out inside it
                             left_undone += 1
                             continue
@@ -300,12 +233,11 @@ def bench(run_dir: str | Path, backends: str | None = None, batch_sizes: str | l
                     journal.append(point)
                     _progress(point, sum(k in journal.points for k in plan), len(plan))
                     failpoint("bench-point")  # tests: a kill right after a point has landed
-                del built
-                B.release(backend)  # torch.compile's graphs
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
+                runner.release(backend, point_seconds)  # the builds, and torch.compile's graphs
     finally:
         journal.close()
+        if worker is not None:
+            worker.close()
     if left_undone:
         print(f"--total-seconds spent: {left_undone} point(s) left undone; run again with --resume to do them",
               flush=True)
@@ -320,32 +252,50 @@ def bench(run_dir: str | Path, backends: str | None = None, batch_sizes: str | l
     return result
 
 
-def _time_point(key, built, build_s, spec, dev, warmup, rounds, min_iters, min_seconds, limit, point_seconds,
-                clock) -> dict | None:
+def _build(runner, backend: str, prec: str, cap, workdir: Path, max_batch: int, compile_mode: str):
+    """Build ``backend``'s dense and pruned models in ``runner``, each within ``cap()`` seconds:
+    ``(None, cap)``, or ``((status, error, seconds), the cap it had)`` for the first that failed."""
+    runner.builds = {}
+    limit = cap()
+    for name in MODELS:
+        limit = cap()
+        started = _clock()
+        try:
+            runner.builds[name] = runner.call("build", (backend, prec, name, workdir, max_batch, compile_mode),
+                                              limit)
+        except workers.TimedOut:
+            return ("timed_out", f"building {name} took over {limit:.0f} s", _clock() - started), limit
+        except Exception as exc:  # noqa: BLE001 - one backend's failure must not lose the others
+            return ("error", f"building {name}: {workers.describe(exc)}", _clock() - started), limit
+    runner.group = (backend, prec)
+    return None, limit
+
+
+def _time_point(key, runner, config: BenchConfig, limit: float) -> dict | None:
+    """Time one point on the models ``runner`` built; None when the total budget (not the point's own
+    cap) ran out inside it."""
     backend, prec, batch = key
-    started = clock()
+    started = _clock()
+    builds = runner.builds
     point = {"type": "point", "backend": backend, "precision": prec, "batch": batch,
-             "cuda_graphs": built["dense"].cuda_graphs, "note": built["dense"].note,
-             "build_seconds": build_s, "format": built["dense"].format,
-             "artifact_bytes": {n: p.artifact.stat().st_size if p.artifact and p.artifact.is_file() else None
-                                for n, p in built.items()}}
+             "cuda_graphs": builds["dense"]["cuda_graphs"], "note": builds["dense"]["note"],
+             "build_seconds": {n: b["seconds"] for n, b in builds.items()}, "format": builds["dense"]["format"],
+             "artifact_bytes": {n: b["artifact_bytes"] for n, b in builds.items()}}
     try:
-        x = torch.randn(batch, *spec.input_shape, device=dev, dtype=built["dense"].input_dtype)
-        if dev.type == "cuda" and B.BACKENDS.get(backend).info.get("channels_last"):
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _alarm(limit + min(10.0, 0.2 * limit)):  # the loop stops itself at the limit; this catches a hang
-            timed = measure_pair({n: p.fn for n, p in built.items()}, x, dev, warmup=warmup, rounds=rounds,
-                                 min_iters=min_iters, min_seconds=min_seconds, max_seconds=limit, clock=clock)
-    except Exception as exc:  # noqa: BLE001 - recorded, and the other points go on
-        if not _timed_out(exc):
-            return point | {"status": "error", "error": _one_line(exc), "seconds": clock() - started}
-        if limit < point_seconds:
+        # the loop stops itself at the limit and keeps what it measured; the kill, a little later, ends a hang
+        timed = runner.call("time", (backend, batch, config.warmup, config.rounds, config.min_iters,
+                                     config.min_seconds, limit), limit + min(10.0, 0.2 * limit))
+    except workers.TimedOut:
+        if limit < config.point_seconds:
             return None
-        return point | {"status": "timed_out", "error": f"no result within {limit:.0f} s", "seconds": clock() - started}
+        return point | {"status": "timed_out", "error": f"no result within {limit:.0f} s",
+                        "seconds": _clock() - started}
+    except Exception as exc:  # noqa: BLE001 - recorded, and the other points go on
+        return point | {"status": "error", "error": workers.describe(exc), "seconds": _clock() - started}
     il = timed["interleaved"]
-    if il["timed_out"] and limit < point_seconds:
+    if il["timed_out"] and limit < config.point_seconds:
         return None
-    point |= {"status": "timed_out" if il["timed_out"] else "ok", "seconds": clock() - started,
+    point |= {"status": "timed_out" if il["timed_out"] else "ok", "seconds": _clock() - started,
               "first_call_ms": il["first_call_ms"], "rounds": il["rounds"], "burst": il["burst"],
               "speedup": il["speedup"]["pruned"], "speedup_iqr": il["speedup_iqr"]["pruned"],
               "round_ratios": il["ratios"]["pruned"],

@@ -2,7 +2,8 @@
 
 A criterion is a plain function ``fn(request, config) -> PruningPlan`` registered by name
 with its typed settings: a :class:`CriterionConfig` dataclass whose fields carry their
-defaults, help, CLI flag and range checks (:func:`option`), next to the criterion. The CLI
+defaults, help, CLI flag and range checks (:func:`option`, from :mod:`compressor.options`), next to
+the criterion. The CLI
 builds each criterion's option group from the registry and the pipeline passes the config
 object through without knowing its fields, so adding a criterion is one file (and its test).
 A criterion may train the model on the way (later criteria do), but it never removes
@@ -11,7 +12,7 @@ channels: ``surgery.apply`` does that, for every criterion alike.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,9 +20,9 @@ import torch
 import torch.nn as nn
 
 from ..budget import Budget
-from ..checks import choice, number
 from ..data import ImageData
 from ..errors import CompressorError
+from ..options import Settings, flag_dest, option, shown_default  # noqa: F401  (the criteria's, re-exported)
 from ..plan import PruningPlan
 from ..registry import Registry
 from ..resume import RunState, StageState
@@ -31,55 +32,12 @@ from ..train import TrainConfig
 CRITERIA = Registry("method")
 
 
-def option(default: Any, help: str, *, flag: str, low=None, high=None, low_open: bool = False,
-           high_open: bool = False, integer: bool = False, optional: bool = False, choices: tuple | None = None,
-           cli: bool = True, shown_default: str | None = None):
-    """A criterion setting: its default, help, CLI flag and range, declared once where the criterion lives.
-
-    Numbers are checked with :func:`compressor.checks.number` (so the API and the CLI refuse alike),
-    names against ``choices``; a setting with neither (a list of levels) checks itself in its class's
-    ``check``, which may accept the CLI's text. ``cli=False``: an API-only setting, no flag.
-    ``shown_default``: the help's words for a default worked out at run time (a ``None`` default).
-    """
-    meta = {"help": help, "flag": flag, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
-            "integer": integer, "optional": optional, "choices": choices, "cli": cli, "shown_default": shown_default}
-    return field(default=default, metadata={"option": meta})
-
-
-def shown_default(f: dataclasses.Field) -> str:
-    """A setting's default as the help shows it."""
-    return f.metadata["option"]["shown_default"] or str(f.default)
-
-
 @dataclass(frozen=True)
-class CriterionConfig:
+class CriterionConfig(Settings):
     """The settings of one criterion; every field is an :func:`option`. Checked when built."""
-
-    def __post_init__(self):
-        for f in fields(self):
-            meta = f.metadata.get("option")
-            if meta is None:
-                continue
-            value = getattr(self, f.name)
-            if meta["choices"] is not None:
-                choice(meta["flag"], value, meta["choices"])
-            elif meta["integer"] or meta["low"] is not None or meta["high"] is not None:
-                number(meta["flag"], value, integer=meta["integer"], low=meta["low"], high=meta["high"],
-                       low_open=meta["low_open"], high_open=meta["high_open"], optional=meta["optional"])
-        self.check()
-
-    def check(self) -> None:
-        """Checks across fields, or beyond a range (a subclass's own)."""
 
     def check_budget(self, metric: str) -> None:
         """Refuse a budget metric these settings cannot meet (called before any data is read)."""
-
-    @classmethod
-    def options(cls) -> list[dataclasses.Field]:
-        return [f for f in fields(cls) if f.metadata.get("option", {}).get("cli")]
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["option"]["cli"]}
 
 
 @dataclass(frozen=True)
@@ -137,10 +95,6 @@ def available() -> list[str]:
 
 def from_scratch_methods() -> list[str]:
     return [e.name for e in CRITERIA if e.info["from_scratch"]]
-
-
-def flag_dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
 
 
 def configs_from(given: dict[str, Any]) -> dict[str, CriterionConfig]:

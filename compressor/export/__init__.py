@@ -13,7 +13,9 @@ from), ``needs`` (the formats it is built from: a tuple, or a function of the ex
 returning one), ``check`` (a function of the options that refuses a bad combination before any
 work), ``tensorrt`` (True: needs TensorRT and a CUDA GPU, checked before any work) and
 ``triton`` (the Triton backend kind for ``--triton-repo``, "onnx" or "trt"; absent: none).
-The step itself is called with a :class:`compressor.export.run.Job`.
+The step itself is called with a :class:`compressor.export.run.Job`; its ``options`` (and the
+``options`` that ``needs`` and ``check`` are given) are an :class:`ExportConfig`
+(:mod:`compressor.export.config`), the settings declared once for the CLI and the API.
 """
 from __future__ import annotations
 
@@ -106,3 +108,4 @@ def verify(reference: torch.Tensor, candidate: torch.Tensor, min_agreement: floa
 
 
 from . import formats  # noqa: E402,F401  (last on purpose: registers the built-in formats in FORMATS)
+from .config import ExportConfig  # noqa: E402,F401

@@ -63,13 +63,6 @@ SCHEMES = {"u8u8": ("QUInt8", "QUInt8", False), "s8s8": ("QInt8", "QInt8", False
 DEFAULT_SCHEME = "s8s8-reduced"
 
 
-def check_options(images=DEFAULT_IMAGES, method=DEFAULT_METHOD, scheme=DEFAULT_SCHEME) -> None:
-    """Refuse a bad calibration setting with one clear error, before anything is loaded."""
-    number("--calibration-images", images, integer=True, low=1)
-    choice("--calibration-method", method, METHODS)
-    choice("--int8-scheme", scheme, tuple(SCHEMES))
-
-
 def calibration_images(data, count: int = DEFAULT_IMAGES, seed: int = 0) -> torch.Tensor:
     """``count`` training images (all of them if fewer), drawn with ``seed``, normalised like the model's inputs.
 
@@ -170,8 +163,8 @@ def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, images: 
     number("histogram_bins", histogram_bins, integer=True, low=2 * QUANTIZED_BINS)
     if not fp32_path.is_file():
         raise CompressorError(f"no ONNX file at {fp32_path}")
-    if not torch.is_tensor(images) or images.dim() != 4 or images.shape[0] < 1:
-        raise CompressorError("int8 calibration needs a float NCHW tensor of at least one image")
+    if not torch.is_tensor(images) or images.dim() < 2 or images.shape[0] < 1:  # NCHW images, or a layer's inputs
+        raise CompressorError("int8 calibration needs a float tensor of at least one input (NCHW images)")
     source = onnx.load(str(fp32_path), load_external_data=False)
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in source.graph.node):
         raise CompressorError(f"{fp32_path.name} is already quantized (it has Q/DQ nodes)")

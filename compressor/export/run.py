@@ -18,12 +18,12 @@ import torch.nn as nn
 from .. import checkpoint, selftest
 from .. import data as datasets
 from ..artifacts import sha256, write_self_test
-from ..checks import choice, number
 from ..data import DeviceBatches
 from ..errors import CompressorError
 from ..files import write_json
 from ..rundir import RunDir, make_dir
 from . import FORMATS, build_order, parse_formats, require, verify
+from .config import ExportConfig
 
 EXPORT_JSON = RunDir("").export_json.name  # what an export folder holds beside its artifacts
 
@@ -41,31 +41,6 @@ def _source(path: Path) -> tuple[Path, RunDir | None]:
     return path, None
 
 
-def check_options(precision: str = "fp16", opset: int = 17, min_batch: int = 1, opt_batch: int = 32,
-                  max_batch: int = 256, workspace_gib: float = 4.0, verify_batch: int = 256,
-                  min_agreement: float = 0.99, calibration_images: int = 512, calibration_method: str = "minmax",
-                  int8_min_agreement: float = 0.95, trt_int8: str = "qdq", int8_scheme: str = "s8s8-reduced") -> None:
-    """Refuse a bad export number (NaN and inf too) with one clear error, before anything is loaded.
-
-    ``compress run --export`` calls this before training, ``export`` before reading its checkpoint.
-    """
-    from . import quantize
-    from .onnx import check_opset
-    from .tensorrt import INT8_SOURCES, PRECISIONS, check_profile
-
-    choice("--trt-precision", precision, PRECISIONS)
-    check_opset(opset)
-    for flag, value in (("--min-batch", min_batch), ("--opt-batch", opt_batch), ("--max-batch", max_batch),
-                        ("verify_batch", verify_batch)):
-        number(flag, value, integer=True, low=1)
-    check_profile(min_batch, opt_batch, max_batch)
-    number("--workspace-gib", workspace_gib, low=0, low_open=True)
-    number("min_agreement", min_agreement, low=0, high=1)
-    quantize.check_options(calibration_images, calibration_method, int8_scheme)
-    number("int8_min_agreement", int8_min_agreement, low=0, high=1)
-    choice("--trt-int8", trt_int8, INT8_SOURCES)
-
-
 @torch.no_grad()
 def split_accuracy(run, data, batch: int = 256) -> float:
     """Top-1 accuracy of ``run`` (CPU float NCHW tensor -> logits) on the whole test split of ``data``, in batches."""
@@ -73,26 +48,6 @@ def split_accuracy(run, data, batch: int = 256) -> float:
     for x, y in DeviceBatches(data, "test", batch, "cpu"):
         correct += int((run(x).argmax(1).cpu() == y).sum())
     return correct / max(1, len(data.test_y))
-
-
-@dataclass(frozen=True)
-class Options:
-    """The export settings a format's step reads (``job.options``)."""
-    precision: str = "fp16"
-    opset: int = 17
-    onnx_fp16: bool = False
-    simplify: bool = False
-    min_batch: int = 1
-    opt_batch: int = 32
-    max_batch: int = 256
-    workspace_gib: float = 4.0
-    min_agreement: float = 0.99
-    calibration_images: int = 512
-    calibration_method: str = "minmax"
-    calibration_seed: int = 0
-    int8_min_agreement: float = 0.95
-    trt_int8: str = "qdq"
-    int8_scheme: str = "s8s8-reduced"
 
 
 @dataclass
@@ -106,7 +61,7 @@ class Job:
     out: Path  # the folder the artifacts go to
     stem: str  # "<model>-<checkpoint stem>": the start of every artifact's file name
     names: list[str]  # the formats asked for (not those built only because others are made from them)
-    options: Options
+    options: ExportConfig
     results: dict  # what export.json will hold; each format fills results[name]
     accuracy: bool = True  # score every kept artifact on the whole test split
     batch: int = 256  # of those accuracy batches
@@ -145,14 +100,11 @@ class Job:
 
 
 def export(source: str | Path, formats: str = "onnx", out: str | Path | None = None, data_dir: str | None = None,
-           precision: str = "fp16", opset: int = 17, onnx_fp16: bool = False, simplify: bool = False,
-           min_batch: int = 1, opt_batch: int = 32, max_batch: int = 256, workspace_gib: float = 4.0,
-           triton_repo: str | Path | None = None, verify_batch: int = 256, min_agreement: float = 0.99,
-           accuracy: bool = True, calibration_images: int = 512, calibration_method: str = "minmax",
-           calibration_seed: int = 0, int8_min_agreement: float = 0.95, trt_int8: str = "qdq",
-           int8_scheme: str = "s8s8-reduced", trusted_factories=()) -> dict:
+           config: ExportConfig | None = None, trusted_factories=(), **overrides) -> dict:
     """Export ``source`` (a run directory or a checkpoint) to ``formats``; returns what export.json holds.
 
+    The settings are ``config`` (:class:`ExportConfig`, default its defaults) with any of its fields
+    given as keywords on top (``export(run, "onnx", opset=18)``), checked before anything is read.
     ``onnx-int8`` is the fp32 ONNX statically quantized by ONNX Runtime (QDQ, per-channel int8
     weights), calibrated on ``calibration_images`` training images drawn with ``calibration_seed``;
     it must agree with PyTorch on ``int8_min_agreement`` of the top-1 answers (fp32 artifacts:
@@ -164,14 +116,10 @@ def export(source: str | Path, formats: str = "onnx", out: str | Path | None = N
     ``trusted_factories``: model factories the checkpoint may name beyond the registry and torchvision.
     Every artifact records a self-test (:mod:`compressor.selftest`) that ``runtime.load`` re-runs.
     """
+    options = ExportConfig.given(config, **overrides)  # every number checked, before any file is read
     names = parse_formats(formats)
     if not names:
         raise CompressorError(f"no export format given; use --export {','.join(FORMATS.names())}")
-    check_options(precision, opset, min_batch, opt_batch, max_batch, workspace_gib, verify_batch, min_agreement,
-                  calibration_images, calibration_method, int8_min_agreement, trt_int8, int8_scheme)
-    options = Options(precision, opset, onnx_fp16, simplify, min_batch, opt_batch, max_batch, workspace_gib,
-                      min_agreement, calibration_images, calibration_method, calibration_seed, int8_min_agreement,
-                      trt_int8, int8_scheme)
     plan = build_order(names, options)  # what was asked for, and what it is built from
     require(plan, options)  # stop before any work when TensorRT or a GPU is missing, or options clash
     ckpt, run_dir = _source(Path(source))
@@ -179,27 +127,28 @@ def export(source: str | Path, formats: str = "onnx", out: str | Path | None = N
     make_dir(out)
     model, spec = checkpoint.load(ckpt, with_spec=True, trusted_factories=trusted_factories)
     data = datasets.load(spec.dataset, data_dir, val_fraction=0.0)
-    x, _ = next(iter(DeviceBatches(data, "test", verify_batch, "cpu")))
+    x, _ = next(iter(DeviceBatches(data, "test", options.verify_batch, "cpu")))
     with torch.no_grad():
         reference = model(x)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{spec.model}-{ckpt.stem}")
     results: dict = {"source": str(ckpt), "source_sha256": sha256(ckpt), "verify_images": int(x.shape[0])}
-    batch = min(max_batch, 256)  # accuracy batches: within the TensorRT / AOTI profile
-    if accuracy:
+    batch = min(options.max_batch, 256)  # accuracy batches: within the TensorRT / AOTI profile
+    if options.accuracy:
         results["accuracy"] = {"split": "test", "images": len(data.test_y), "batch": batch,
                                "pytorch": split_accuracy(model, data, batch)}
         print(f"PyTorch: test accuracy {results['accuracy']['pytorch']:.2%} on {len(data.test_y)} images")
-    job = Job(model, spec, data, x, reference, out, stem, names, options, results, accuracy, batch)
+    job = Job(model, spec, data, x, reference, out, stem, names, options, results, options.accuracy, batch)
     for fmt in plan:
         FORMATS.get(fmt).target(job)
-    if triton_repo:
+    if options.triton_repo:
         from . import triton
 
         for fmt in plan:
             kind = FORMATS.get(fmt).info.get("triton")
             if fmt in names and kind:
-                folder = triton.write_repository(triton_repo, f"{stem}-{fmt}", results[fmt]["path"], kind, "input",
-                                                 "logits", spec.input_shape, spec.num_classes, max_batch)
+                folder = triton.write_repository(options.triton_repo, f"{stem}-{fmt}", results[fmt]["path"], kind,
+                                                 "input", "logits", spec.input_shape, spec.num_classes,
+                                                 options.max_batch)
                 results[fmt]["triton"] = str(folder)
     write_json(out / EXPORT_JSON, results)
     if run_dir:
