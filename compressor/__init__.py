@@ -2,6 +2,7 @@
 from .checkpoint import load, save
 from .errors import CompressorError
 from .plan import PruningPlan
+from .record import RunRecord
 
 __version__ = "0.1.0"
-__all__ = ["load", "save", "PruningPlan", "CompressorError", "__version__"]
+__all__ = ["load", "save", "PruningPlan", "RunRecord", "CompressorError", "__version__"]

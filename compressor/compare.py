@@ -27,15 +27,16 @@ from . import criteria
 from .budget import METRICS
 from .errors import CompressorError
 from .files import atomic_path, read_json_object, write_json, write_text
-from .pipeline import RunConfig, run
+from .pipeline import RunConfig, field_names, run
 from .provenance import stamp
+from .record import RunRecord, check_format
 from .rundir import RunDir, make_dir
 
 REFERENCE = "l1"  # every method's difference is paired by seed with this one
 FLOOR = "random"  # a criterion that ties random channels adds nothing: always a row
 SETTINGS = "compare-settings.json"
-_PER_CELL = ("method", "budget_metric", "budget", "criterion", "argv", "data_dir", "data_mode", "workers", "device",
-             "trust_factories")
+SETTINGS_FORMAT = "compressor.compare-settings/1"  # a new, renamed or removed shared setting means a new number
+CELL_FIX = "delete the cell's folder to run it again"
 
 
 @dataclass(frozen=True)
@@ -55,15 +56,16 @@ class Cell:
 
 
 def parse_budgets(text: str) -> list[tuple[str, float]]:
-    """``params:0.1,macs:0.25`` -> [("params", 0.1), ("macs", 0.25)]."""
+    """``params:0.1,macs:0.25,latency:0.5`` -> [("params", 0.1), ("macs", 0.25), ("latency", 0.5)]; a latency
+    fraction is of the dense model's latency measured on ``--latency-backend`` at ``--latency-batch``."""
     from .checks import number
 
     found = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
         metric, sep, value = item.partition(":")
-        if not sep or metric not in ("macs", "params"):
-            raise CompressorError(f"--budgets takes metric:fraction items (macs or params), e.g. params:0.1; "
-                                  f"not {item!r}")
+        if not sep or metric not in ("macs", "params", "latency"):
+            raise CompressorError(f"--budgets takes metric:fraction items (macs, params or latency), e.g. "
+                                  f"params:0.1 or latency:0.5; not {item!r}")
         try:
             fraction = float(value)
         except ValueError:
@@ -115,10 +117,13 @@ def compare(base: RunConfig, methods: list[str], budgets: list[tuple[str, float]
             raise CompressorError(f"unknown method {method!r}; available: {', '.join(criteria.available())}")
     configs = {m: (configs or {}).get(m) or criteria.default_config(m) for m in methods}
     cells = [Cell(m, metric, f, s) for metric, f in budgets for m in methods for s in seeds]
-    shared = {k: v for k, v in asdict(base).items() if k not in _PER_CELL}
+    shared = {"format": SETTINGS_FORMAT, **{k: v for k, v in asdict(base).items() if k not in field_names("per_cell")}}
     shared["criteria"] = {m: json.loads(json.dumps(c.to_dict())) for m, c in configs.items()}
     _claim(out, shared)
+    for metric, fraction in budgets:  # a latency budget's backend, batch and precision: checked before any work
+        replace(base, budget_metric=metric, budget=fraction).validate()
     dense_ckpt, dense = _dense(base, out)
+    latency_model = _latency_model(base, dense_ckpt) if any(m == "latency" for m, _ in budgets) else None
     started, done_here, results = time.perf_counter(), [], {}
     for i, cell in enumerate(cells, 1):
         folder = out / "cells" / cell.name
@@ -126,7 +131,7 @@ def compare(base: RunConfig, methods: list[str], budgets: list[tuple[str, float]
         t0 = time.perf_counter()
         # the split is the dense model's: its seed (--seed), not the cell's
         record = _cell(replace(base, criterion=configs[cell.method]), cell, folder, dense_ckpt,
-                       base.seed if base.split_seed is None else base.split_seed)
+                       base.seed if base.split_seed is None else base.split_seed, latency_model)
         results[cell] = record
         if not finished:
             done_here.append(time.perf_counter() - t0)
@@ -151,6 +156,7 @@ def _claim(out: Path, shared: dict) -> None:
     path = out / SETTINGS
     if path.is_file():
         saved = read_json_object(path, "a study's settings", "choose another --out")
+        check_format(saved, SETTINGS_FORMAT, path, "a study's settings", "choose another --out")
         if not isinstance(saved.get("criteria", {}), dict):
             raise CompressorError(f"{path} does not hold a study's settings; choose another --out")
         differ = [f"--{k.replace('_', '-')} {shared.get(k)!r} (the study has {v!r})" for k, v in saved.items()
@@ -193,44 +199,55 @@ def _dense(base: RunConfig, out: Path) -> tuple[str, dict]:
                          pruning_epochs=None, out=str(folder), resume=True, distill=0.0)
         with _quietly(folder):
             run(config)
-    metrics = RunDir(folder).read_metrics()
-    dense = {"run": str(folder), "epochs": metrics["epochs"]["dense"], "accuracy": metrics["accuracy"]["dense"],
-             "macs": metrics["macs"]["dense"], "params": metrics["params"]["dense"],
-             "seconds": metrics["seconds"]["train"]}
+    m = RunDir(folder).record(f"delete {folder} to train the dense model again")
+    dense = {"run": str(folder), "epochs": m.epochs.dense, "accuracy": asdict(m.accuracy.dense),
+             "macs": m.macs.dense, "params": m.params.dense, "seconds": m.seconds.train}
     print(f"compare: dense model {dense['accuracy']['test']:.2%} test accuracy after {dense['epochs']} epochs",
           flush=True)
     return str(RunDir(folder).dense), dense
 
 
-def _cell(base: RunConfig, cell: Cell, folder: Path, dense_ckpt: str, split_seed: int) -> dict:
+def _latency_model(base: RunConfig, dense_ckpt: str):
+    """One latency model of the dense model for every latency cell (each cell's plan is still measured whole):
+    the cells share the table and its calibration, and compare at equal measured latency."""
+    from . import checkpoint, latency, surgery
+
+    model, spec = checkpoint.load(dense_ckpt, with_spec=True, trusted_factories=base.trust_factories)
+    graph = surgery.trace(model.cpu().eval(), spec.example_inputs())
+    lspec = latency.budget_from("latency", 1.0, base.latency_backend, base.latency_batch, base.latency_cache,
+                                base.latency_step, base.latency_precision)
+    print(f"compare: measuring the dense model's latency table on {lspec.backend} at batch {lspec.batch} "
+          f"({lspec.precision})", flush=True)
+    return latency.LatencyModel(graph, lspec, base.round_to, base.max_ratio, _device(base))
+
+
+def _cell(base: RunConfig, cell: Cell, folder: Path, dense_ckpt: str, split_seed: int, latency_model=None) -> dict:
     config = replace(base, method=cell.method, budget_metric=cell.metric, budget=cell.fraction, seed=cell.seed,
                      split_seed=split_seed, checkpoint=dense_ckpt, epochs=0, out=str(folder), resume=True)
     t0 = time.perf_counter()
     if RunDir(folder).finished():  # finished: read, never redone
-        return _record(cell, RunDir(folder).read_metrics(), folder, 0.0)
+        return _fields(cell, RunDir(folder).record(CELL_FIX), folder, 0.0)
     try:
         with _quietly(folder):
-            metrics = run(config)
+            metrics = run(config, latency_model=latency_model if cell.metric == "latency" else None)
     except CompressorError as exc:
         return {"cell": cell.name, "status": "failed", "error": str(exc), **asdict(cell), "run": str(folder)}
     return _record(cell, metrics, folder, time.perf_counter() - t0)
 
 
 def _record(cell: Cell, m: dict, folder: Path, seconds: float) -> dict:
-    try:
-        return _fields(cell, m, folder, seconds)
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise CompressorError(f"{RunDir(folder).metrics} is not a finished run's record (no {exc}); delete the "
-                              "cell's folder to run it again") from None
+    """The study's row of a cell whose run returned ``m`` (metrics.json's content)."""
+    return _fields(cell, RunRecord.from_json(m, RunDir(folder).metrics, CELL_FIX), folder, seconds)
 
 
-def _fields(cell: Cell, m: dict, folder: Path, seconds: float) -> dict:
+def _fields(cell: Cell, m: RunRecord, folder: Path, seconds: float) -> dict:
+    a = m.accuracy
     return {"cell": cell.name, "status": "complete", **asdict(cell), "run": str(folder),
-            "accuracy": {"pruned": m["accuracy"]["pruned"]["test"], "finetuned": m["accuracy"]["finetuned"]["test"],
-                         "finetuned_val": m["accuracy"]["finetuned"]["val"]},
-            "kept": {"macs": m["macs"]["fraction"], "params": m["params"]["fraction"]},
-            "widths": m["widths"]["pruned"], "epochs": m["epochs"],
-            "seconds": m["seconds"]["total"], "seconds_this_process": seconds, "commit": m["versions"]["commit"]}
+            "accuracy": {"pruned": a.pruned.test, "finetuned": a.finetuned.test, "finetuned_val": a.finetuned.val},
+            "kept": {"macs": m.macs.fraction, "params": m.params.fraction,
+                     "latency": (m.latency or {}).get("measured_fraction")}, "widths": m.widths.pruned,
+            "epochs": asdict(m.epochs), "seconds": m.seconds.total, "seconds_this_process": seconds,
+            "commit": m.versions.get("commit")}
 
 
 def _progress(i: int, n: int, cell: Cell, r: dict, finished: bool, eta: float) -> str:
@@ -288,12 +305,18 @@ def summarize(cells: list[dict], reference: str = REFERENCE) -> list[dict]:
             rows.append({
                 "method": method, "metric": budget[0], "fraction": budget[1], "seeds": sorted(acc),
                 "accuracy": {"mean": mean, "std": std}, "pruned_accuracy": {"mean": pruned_mean, "std": pruned_std},
-                "kept": {k: statistics.mean(c["kept"][k] for c in mine) for k in ("macs", "params")},
+                "kept": {k: _mean_of(c["kept"].get(k) for c in mine) for k in ("macs", "params", "latency")},
                 "epochs": sorted({(c["epochs"]["criterion"], c["epochs"]["finetune"]) for c in mine}),
                 "seconds": statistics.mean(c["seconds"] for c in mine),
                 "vs_reference": None if method == reference else paired_difference(acc, ref),
             })
     return rows
+
+
+def _mean_of(values) -> float | None:
+    """The mean of the values that are there (a kept latency is measured for latency cells only)."""
+    found = [v for v in values if v is not None]
+    return statistics.mean(found) if found else None
 
 
 # outputs ------------------------------------------------------------------------------------
@@ -336,9 +359,10 @@ def markdown(study: dict) -> str:
              f"- accuracy: top-1 on the test split after fine-tuning, mean ± std over seeds (percent); "
              f"Δ vs {study['reference']}: paired by seed, 95% CI from the t distribution; a method is better or "
              "worse only where the interval excludes 0", "",
-             "| budget | method | seeds | kept MACs | kept params | epochs (criterion+fine-tune) | before fine-tune "
-             f"| accuracy | Δ vs {study['reference']} [95% CI] | verdict | seconds/cell |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| budget | method | seeds | kept MACs | kept params | kept latency (measured) | epochs "
+             f"(criterion+fine-tune) | before fine-tune | accuracy | Δ vs {study['reference']} [95% CI] | verdict "
+             "| seconds/cell |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in study["summary"]:
         a, p, v = r["accuracy"], r["pruned_accuracy"], r["vs_reference"]
         epochs = ", ".join(f"{c}+{f}" for c, f in r["epochs"])
@@ -346,7 +370,8 @@ def markdown(study: dict) -> str:
             f"{100 * v['mean']:+.2f} [{100 * v['low']:+.2f}, {100 * v['high']:+.2f}]")
         verdict = "" if v is None else v["verdict"]
         lines.append(f"| {r['metric']}:{r['fraction']:g} | {r['method']} | {len(r['seeds'])} | "
-                     f"{r['kept']['macs']:.3f} | {r['kept']['params']:.3f} | {epochs} | "
+                     f"{r['kept']['macs']:.3f} | {r['kept']['params']:.3f} | "
+                     f"{'-' if r['kept'].get('latency') is None else format(r['kept']['latency'], '.3f')} | {epochs} | "
                      f"{_pct(p['mean'])} ± {_pct(p['std'])} | {_pct(a['mean'])} ± {_pct(a['std'])} | {delta} | "
                      f"{verdict} | {r['seconds']:.0f} |")
     failed = [c for c in study["cells"] if c["status"] != "complete"]

@@ -1,7 +1,7 @@
 """The main job: train (or load) -> plan with a criterion -> surgery -> fine-tune -> save.
 
 It writes a run directory: ``dense.pt`` and ``pruned.pt`` (see checkpoint.py),
-``plan.json`` and ``metrics.json``. Every file is written atomically, and
+``plan.json`` and ``metrics.json`` (a RunRecord, see record.py). Every file is written atomically, and
 ``metrics.json`` last, so a directory with ``metrics.json`` holds a finished run.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import torch
 
 from . import checkpoint, criteria, distributed, latency, models, selftest, surgery
 from . import data as datasets
+from . import record as rec
 from .budget import Budget
 from .errors import CompressorError
 from .files import read_json_object, write_json, write_text
@@ -26,14 +27,17 @@ from .rundir import RunDir, make_dir
 from .train import TrainConfig, evaluate, fit, pick_device, resolve_defaults
 
 TRAINING_DEFAULTS = ("batch_size", "lr", "finetune_lr", "label_smoothing", "compile")  # None: chosen by device
+# A field's role, declared where it is defined: "setting": False, not a setting of the run (a resume may differ in
+# it; not in .state/run.json); "per_cell": True, `compress compare` sets it per cell (not in compare-settings.json)
+NOT_A_SETTING, PER_CELL = {"setting": False}, {"per_cell": True}
 
 @dataclass
 class RunConfig:
     model: str = "conv4"
     dataset: str = "digits"
-    method: str = "l1"
-    budget_metric: str = "macs"
-    budget: float = 0.5
+    method: str = field(default="l1", metadata=PER_CELL)
+    budget_metric: str = field(default="macs", metadata=PER_CELL)
+    budget: float = field(default=0.5, metadata=PER_CELL)
     epochs: int | None = None  # default: 15, or 0 when starting from --checkpoint
     finetune_epochs: int = 5
     # epochs after the dense model, the criterion's own training included; the rest fine-tunes (None: use
@@ -42,14 +46,14 @@ class RunConfig:
     distill: float = 0.0  # weight of the dense model's soft targets while fine-tuning (0: off)
     distill_temperature: float = 4.0
     checkpoint: str | None = None
-    data_dir: str | None = None
-    out: str | None = None
-    overwrite: bool = False
+    data_dir: str | None = field(default=None, metadata=PER_CELL)
+    out: str | None = field(default=None, metadata=NOT_A_SETTING)
+    overwrite: bool = field(default=False, metadata=NOT_A_SETTING)
     round_to: int = 8
     max_ratio: float = 0.95
     seed: int = 0
     split_seed: int | None = None  # the train/validation split's seed (None: seed); a study fixes it across seeds
-    device: str = "auto"
+    device: str = field(default="auto", metadata=PER_CELL)
     # None: chosen by device once it is known (train.device_defaults): CPU 128 / 0.05 / 0.01 / 0.0 / off,
     # CUDA 512 / lr scaled linearly with the batch / 0.1 / on
     batch_size: int | None = None
@@ -59,23 +63,26 @@ class RunConfig:
     label_smoothing: float | None = None
     compile: str | None = None  # torch.compile the training model: auto (None: CUDA only), on, off
     val_fraction: float = 0.1
-    data_mode: str = "auto"  # auto, memory, stream (ImageFolder trees from disk through DataLoader workers)
-    workers: int | None = None  # stream mode's DataLoader workers (default min(8, CPUs))
+    # auto, memory, stream (ImageFolder trees from disk through DataLoader workers)
+    data_mode: str = field(default="auto", metadata=PER_CELL)
+    workers: int | None = field(default=None, metadata=NOT_A_SETTING | PER_CELL)  # stream mode's (default min(8, CPUs))
     # the method's own settings: a CriterionConfig of the method's class (None: its defaults), e.g. PSAPConfig()
-    criterion: criteria.CriterionConfig | None = None
+    criterion: criteria.CriterionConfig | None = field(default=None, metadata=PER_CELL)
     from_scratch: bool = False  # no dense training: a training criterion starts from random weights
-    resume: bool = False  # continue an interrupted run in --out from its last saved progress
+    # continue an interrupted run in --out from its last saved progress
+    resume: bool = field(default=False, metadata=NOT_A_SETTING)
     checkpoint_every: int = 0  # also save training progress every N steps inside an epoch (0: at epoch ends)
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     # latency budget (budget_metric "latency": budget = fraction of dense latency; "latency_ms": budget = ms)
     latency_backend: str = "ort-cpu"
     latency_batch: int = 1
     latency_cache: str | None = None  # default $COMPRESSOR_LATENCY_CACHE or ~/.cache/compressor/latency
-    latency_step: int | None = None  # table grid step in channels (default --round-to)
+    latency_step: int | None = None  # table grid step in channels (default: a coarse grid, refined where it steps)
+    latency_precision: str = "fp32"  # fp32; int8 (ONNX Runtime: QDQ layers, as --export onnx-int8); fp16 (GPU)
     # model factories ("module:function") a checkpoint or a resumed run's settings may name beyond the registry
     # and torchvision's classification models (models.check_trusted); --model itself is always trusted
-    trust_factories: list[str] = field(default_factory=list)
-    argv: list[str] = field(default_factory=list)
+    trust_factories: list[str] = field(default_factory=list, metadata=NOT_A_SETTING | PER_CELL)
+    argv: list[str] = field(default_factory=list, metadata=NOT_A_SETTING | PER_CELL)
 
     def validate(self) -> RunConfig:
         """Refuse a bad number or name with one clear CompressorError; ``run`` calls this before anything else.
@@ -172,8 +179,12 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run(config: RunConfig) -> dict:
-    """Run the whole job and return the metrics it wrote to ``metrics.json``."""
+def run(config: RunConfig, latency_model=None) -> dict:
+    """Run the whole job and return the metrics it wrote to ``metrics.json``.
+
+    ``latency_model``: a :class:`compressor.latency.LatencyModel` already measured for this model on the
+    run's latency backend, batch and precision (a study shares one between its cells); else a latency
+    budget measures its own."""
     config.validate()  # every number and name, before any data is read or any epoch is spent
     t0 = time.perf_counter()
     saved_config = None
@@ -187,7 +198,7 @@ def run(config: RunConfig) -> dict:
             raise CompressorError("--resume continues a run: give its --out")
         if RunDir(config.out).finished():
             print(f"{config.out} holds a finished run (metrics.json); nothing to resume")
-            return RunDir(config.out).read_metrics()
+            return RunDir(config.out).read_metrics()  # a record of another format: one message
         saved_config = _saved_config(Path(config.out))
         if saved_config is None:
             print(f"--resume: nothing saved in {config.out}; starting the run from the beginning")
@@ -198,7 +209,7 @@ def run(config: RunConfig) -> dict:
             config.validate()  # the saved settings are a file's words: checked like the command line's
     # Fail fast on names and numbers, before any data is read or any epoch is spent.
     budget = latency.budget_from(config.budget_metric, config.budget, config.latency_backend, config.latency_batch,
-                                 config.latency_cache, config.latency_step)
+                                 config.latency_cache, config.latency_step, config.latency_precision)
     if config.method not in criteria.available():
         raise CompressorError(f"unknown method {config.method!r}; available: {', '.join(criteria.available())}")
     if config.from_scratch and (config.checkpoint or config.epochs):
@@ -230,7 +241,8 @@ def run(config: RunConfig) -> dict:
             print(f"removed {len(left)} unfinished file(s) of an interrupted process: "
                   f"{', '.join(p.name for p in left)}")
         distributed.barrier()  # no rank reads saved progress before rank 0 has cleared a stale one
-        metrics = _run(config, out, state, budget, device, t0, resumed=saved_config is not None)
+        metrics = _run(config, out, state, budget, device, t0, resumed=saved_config is not None,
+                       latency_model=latency_model)
         state.close(finished=True)
     finally:
         state.close(finished=False)
@@ -238,7 +250,7 @@ def run(config: RunConfig) -> dict:
 
 
 def _run(config: RunConfig, out: Path, state: RunState, budget: Budget, device: torch.device, t0: float,
-         resumed: bool) -> dict:
+         resumed: bool, latency_model=None) -> dict:
     seconds: dict[str, float] = {}
     torch.manual_seed(config.seed)
     # batch size, learning rates, label smoothing and compile left open are chosen for the device, once
@@ -293,12 +305,13 @@ def _run(config: RunConfig, out: Path, state: RunState, budget: Budget, device: 
     stage = time.perf_counter()
     history = fit(model, data, train_cfg, device, desc="train", state=state.stage("train"))
     seconds["train"] = time.perf_counter() - stage
-    acc = {"dense": {"val": evaluate(model, data, "val", device), "test": evaluate(model, data, "test", device)}}
+    dense_acc = _accuracy(model, data, device)
     checkpoint.save(model, spec_of(model), RunDir(out).dense, self_test=_self_test(model, data))
     teacher = copy.deepcopy(model).eval() if config.distill > 0 else None  # criteria may train the model on
 
     stage = time.perf_counter()
-    budget = latency.prepare(budget, graph, device, config.round_to, config.max_ratio)  # table, dense latency
+    budget = latency.prepare(budget, graph, device, config.round_to, config.max_ratio,  # table, dense latency
+                             model=latency_model)
     # a criterion trains at the fine-tuning rate, or the dense one when it starts from random weights
     criterion_training = TrainConfig(0, config.lr if config.from_scratch else config.finetune_lr, config.batch_size,
                                      schedule=config.schedule, label_smoothing=config.label_smoothing,
@@ -329,7 +342,7 @@ def _run(config: RunConfig, out: Path, state: RunState, budget: Budget, device: 
     surgery.apply(model, plan, graph.example_inputs)
     seconds["surgery"] = time.perf_counter() - stage
     pruned_cost = surgery.count(model, graph.example_inputs)
-    acc["pruned"] = {"val": evaluate(model, data, "val", device), "test": evaluate(model, data, "test", device)}
+    pruned_acc = _accuracy(model, data, device)
 
     stage = time.perf_counter()
     ft_cfg = TrainConfig(finetune_epochs, config.finetune_lr, config.batch_size, schedule="cosine",
@@ -337,59 +350,72 @@ def _run(config: RunConfig, out: Path, state: RunState, budget: Budget, device: 
                          distill=config.distill, temperature=config.distill_temperature)
     ft_history = fit(model, data, ft_cfg, device, desc="finetune", state=state.stage("finetune"), teacher=teacher)
     seconds["finetune"] = time.perf_counter() - stage
-    acc["finetuned"] = acc["pruned"] if not ft_history else {
-        "val": evaluate(model, data, "val", device), "test": evaluate(model, data, "test", device)}
+    acc = rec.Accuracy(dense_acc, pruned_acc, _accuracy(model, data, device) if ft_history else pruned_acc)
     checkpoint.save(model, spec_of(model), RunDir(out).pruned, self_test=_self_test(model, data))
     seconds["total"] = time.perf_counter() - t0
 
-    metrics = {
-        "status": "complete",
-        "resumed": resumed,  # if so, wall times count only the last process
-        "out": str(out),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": config.argv or None,
-        "config": asdict(config) | {"epochs": epochs, "argv": None},
-        "training_defaults": training_defaults,
-        "model": model_name,
-        "dataset": data.name,
-        "method": config.method,
-        "budget": {"metric": budget.metric, "fraction": budget.fraction, "tolerance": budget.tolerance},
+    record = rec.RunRecord(
+        resumed=resumed,  # if so, wall times count only the last process
+        out=str(out),
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command=config.argv or None,
+        config=asdict(config) | {"epochs": epochs, "argv": None},
+        training_defaults=training_defaults,
+        model=model_name,
+        dataset=data.name,
+        method=config.method,
+        budget=rec.BudgetTarget(budget.metric, budget.fraction, budget.tolerance),
         **latency.run_metrics(budget, model, dense_cost, pruned_cost),  # {"latency": ...} for a latency budget
-        "accuracy": acc,
-        "epochs": {"dense": epochs, "criterion": request.train_epochs, "finetune": finetune_epochs,
-                   "after_dense": request.train_epochs + finetune_epochs},
-        "distill": {"weight": config.distill, "temperature": config.distill_temperature} if config.distill else None,
-        "macs": {"dense": dense_cost.macs, "pruned": pruned_cost.macs, "fraction": pruned_cost.macs / dense_cost.macs},
-        "params": {"dense": dense_cost.params, "pruned": pruned_cost.params,
-                   "fraction": pruned_cost.params / dense_cost.params},
-        "widths": {"dense": dense_widths, "pruned": plan.widths()},
-        "criterion": request.report,
-        "seconds": seconds,
-        "seconds_per_epoch": {"train": _mean_seconds(history), "finetune": _mean_seconds(ft_history)},
-        "history": {"train": history, "finetune": ft_history},
-        "device": device_name(device),
-        "versions": versions(),
-    }
+        accuracy=acc,
+        epochs=rec.Epochs(epochs, request.train_epochs, finetune_epochs, request.train_epochs + finetune_epochs),
+        distill=rec.Distill(config.distill, config.distill_temperature) if config.distill else None,
+        macs=rec.Cost(dense_cost.macs, pruned_cost.macs, pruned_cost.macs / dense_cost.macs),
+        params=rec.Cost(dense_cost.params, pruned_cost.params, pruned_cost.params / dense_cost.params),
+        widths=rec.Widths(dense_widths, plan.widths()),
+        criterion=request.report,
+        seconds=rec.Seconds(**seconds),
+        seconds_per_epoch=rec.PerEpoch(_mean_seconds(history), _mean_seconds(ft_history)),
+        history=rec.History(history, ft_history),
+        device=device_name(device),
+        versions=versions(),
+    )
     distributed.barrier()  # a rank that died stops the job here: no metrics.json for an unfinished run
+    metrics = record.to_json()
     write_json(RunDir(out).metrics, metrics)
-    print(summary(metrics, out))
+    print(summary(record, out))
     return metrics
 
 
+def _accuracy(model: torch.nn.Module, data, device: torch.device) -> rec.Split:
+    return rec.Split(evaluate(model, data, "val", device), evaluate(model, data, "test", device))
+
+
 RUN_JSON = "run.json"
-_NOT_SETTINGS = ("resume", "overwrite", "argv", "out", "workers", "trust_factories")
+RUN_JSON_FORMAT = "compressor.run-settings/1"  # a new, renamed or removed setting means a new number
+
+
+def field_names(role: str, default: bool = False) -> list[str]:
+    """RunConfig's fields whose metadata gives ``role`` (see NOT_A_SETTING, PER_CELL) true."""
+    return [f.name for f in fields(RunConfig) if f.metadata.get(role, default)]
 
 
 def _comparable(config: RunConfig) -> dict:
-    """The settings that define a run (what a resume must share with it)."""
-    return {k: v for k, v in asdict(config).items() if k not in _NOT_SETTINGS}
+    """The settings that define a run (what a resume must share with it), as .state/run.json holds them."""
+    return {"format": RUN_JSON_FORMAT, **{k: v for k, v in asdict(config).items() if k in field_names("setting", True)}}
 
 
 def _saved_config(out: Path) -> dict | None:
     path = out / STATE_DIR / RUN_JSON
     if not path.is_file():
         return None
-    return read_json_object(path, "a run's settings", "start the run afresh with --overwrite")
+    fix = "start the run afresh with --overwrite"
+    saved = read_json_object(path, "a run's settings", fix)
+    rec.check_format(saved, RUN_JSON_FORMAT, path, "a run's settings", fix)
+    unknown = sorted(set(saved) - {"format", *field_names("setting", True)})
+    if unknown:  # a setting this version does not have: resumed without it, the run would be neither
+        raise rec.versioned(path, "a run's settings", RUN_JSON_FORMAT,
+                            f"{RUN_JSON_FORMAT!r} with a setting {unknown[0]!r} it does not define", fix)
+    return {k: v for k, v in saved.items() if k != "format"}
 
 
 def _resumed(config: RunConfig, saved: dict) -> RunConfig:
@@ -398,8 +424,6 @@ def _resumed(config: RunConfig, saved: dict) -> RunConfig:
     defaults = RunConfig()
     clashes, merged = [], {}
     for name, was in saved.items():
-        if name not in RunConfig.__dataclass_fields__:
-            continue
         now = getattr(config, name)
         if name == "criterion":  # saved as its fields: each compared as an option, rebuilt as the method's config
             clashes += _criterion_clashes(config, saved)
@@ -433,17 +457,17 @@ def _mean_seconds(history: list[dict]) -> float | None:
     return sum(h["seconds"] for h in history) / len(history) if history else None
 
 
-def summary(m: dict, out: Path) -> str:
-    a = m["accuracy"]
+def summary(m: rec.RunRecord | dict, out: Path) -> str:
+    """A finished run in five lines (``m``: its record, or metrics.json's content)."""
+    m = m if isinstance(m, rec.RunRecord) else rec.RunRecord.from_json(m, RunDir(out).metrics)
+    a, macs, params = m.accuracy, m.macs, m.params
     return "\n".join([
-        f"{m['model']} on {m['dataset']}, {m['method']} to {m['budget']['fraction']:g} of {m['budget']['metric']} "
-        f"({m['device']})",
-        f"  accuracy (test): dense {a['dense']['test']:.2%} -> pruned {a['pruned']['test']:.2%} "
-        f"-> fine-tuned {a['finetuned']['test']:.2%}",
-        f"  MACs   {m['macs']['dense'] / 1e6:.2f}M -> {m['macs']['pruned'] / 1e6:.2f}M ({m['macs']['fraction']:.2%})",
-        f"  params {m['params']['dense'] / 1e6:.3f}M -> {m['params']['pruned'] / 1e6:.3f}M "
-        f"({m['params']['fraction']:.2%})",
-        f"  time   {m['seconds']['total']:.1f}s; run directory: {out}",
+        f"{m.model} on {m.dataset}, {m.method} to {m.budget.fraction:g} of {m.budget.metric} ({m.device})",
+        f"  accuracy (test): dense {a.dense.test:.2%} -> pruned {a.pruned.test:.2%} "
+        f"-> fine-tuned {a.finetuned.test:.2%}",
+        f"  MACs   {macs.dense / 1e6:.2f}M -> {macs.pruned / 1e6:.2f}M ({macs.fraction:.2%})",
+        f"  params {params.dense / 1e6:.3f}M -> {params.pruned / 1e6:.3f}M ({params.fraction:.2%})",
+        f"  time   {m.seconds.total:.1f}s; run directory: {out}",
     ])
 
 

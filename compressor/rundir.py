@@ -1,7 +1,7 @@
 """The run directory's layout, in one place.
 
 A run directory holds ``dense.pt`` and ``pruned.pt`` (see checkpoint.py), ``plan.json``,
-``metrics.json`` (written last: a directory with it holds a finished run), the criterion's
+``metrics.json`` (a RunRecord, see record.py; written last: a directory with it holds a finished run), the criterion's
 own files, ``export/`` (``export.json`` and the artifacts), ``bench.jsonl`` (points as they
 finish), ``bench.json`` and ``bench.md``, and ``.state/`` (progress of an unfinished run).
 The pipeline, export, bench and compare find those files here, never by spelling names.
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CompressorError
+from .record import RunRecord
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,7 @@ class RunDir:
     def finished(self) -> bool:
         return self.metrics.is_file()
 
-    def read_metrics(self) -> dict:
-        """The finished run's metrics, or one clear error."""
+    def _metrics_object(self) -> dict:
         try:
             metrics = json.loads(self.metrics.read_text())
         except FileNotFoundError:
@@ -62,12 +62,21 @@ class RunDir:
             raise CompressorError(f"{self.metrics} does not hold a run's metrics (a JSON object)")
         return metrics
 
+    def record(self, fix: str | None = None) -> RunRecord:
+        """The finished run's record, or one clear error (a record of another format: which, and ``fix``)."""
+        return RunRecord.from_json(self._metrics_object(), self.metrics, *([fix] if fix else []))
+
+    def read_metrics(self) -> dict:
+        """The finished run's metrics.json content, checked as a record of this version's format."""
+        return self.record().to_json()
+
     def update_metrics(self, key: str, value) -> None:
-        """Set ``metrics.json[key]`` (export adds its results), atomically; nothing if the run is unfinished."""
+        """Set ``metrics.json[key]`` (export adds its results), atomically; nothing if the run is unfinished.
+        The file is not read as a record: an older run's file gets the entry too, and stays as it was otherwise."""
         from .files import write_json
 
         if self.finished():
-            write_json(self.metrics, self.read_metrics() | {key: value})
+            write_json(self.metrics, self._metrics_object() | {key: value})
 
 
 def make_dir(path, flag: str = "--out") -> Path:

@@ -224,3 +224,33 @@ def test_cells_keep_the_dense_models_split(tmp_path, monkeypatch):
         study.compare(RunConfig(**TINY, checkpoint=str(dense), pruning_epochs=1, seed=7), ["l1"], [("params", 0.3)],
                       [3, 4], tmp_path / "s")
     assert seen == [(3, 7), (4, 7)]
+
+
+def test_latency_budgets_beside_mac_budgets(tmp_path, monkeypatch):
+    """--budgets latency:F: every latency cell shares one latency model of the dense model (measured once, passed
+    explicitly), each cell's plan is measured whole, and the table shows the measured latency beside MACs."""
+    from compressor import latency
+
+    built = []
+    real = latency.LatencyModel
+
+    def counted(*args, **kwargs):
+        built.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(latency, "LatencyModel", counted)
+    base = RunConfig(**TINY, epochs=1, pruning_epochs=1, latency_step=16, latency_cache=str(tmp_path / "cache"))
+    result = study.compare(base, ["l1", "random"], [("macs", 0.5), ("latency", 0.7)], [0], tmp_path / "s")
+    cells = {c["cell"]: c for c in result["cells"]}
+    assert {c["status"] for c in cells.values()} == {"complete"}
+    assert len(built) == 1 and built[0].backend == "ort-cpu"  # one model for every latency cell
+    for method in ("l1", "random"):
+        lat_cell = cells[f"{method}-latency0.7-s0"]
+        assert 0 < lat_cell["kept"]["latency"] <= 1.5 and cells[f"{method}-macs0.5-s0"]["kept"]["latency"] is None
+        metrics = json.loads((tmp_path / "s" / "cells" / f"{method}-latency0.7-s0" / "metrics.json").read_text())
+        assert metrics["latency"]["measured_ms"] > 0 and metrics["budget"]["metric"] == "latency"
+    table = (tmp_path / "s" / "compare.md").read_text()
+    assert "kept latency (measured)" in table and "| latency:0.7 | l1 |" in table
+    with pytest.raises(CompressorError, match="--latency-backend"):
+        study.compare(RunConfig(**TINY, epochs=1, pruning_epochs=1, latency_backend="nope"), ["l1"],
+                      [("latency", 0.5)], [0], tmp_path / "t")
