@@ -6,10 +6,12 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from . import criteria, distributed, models
 from .errors import CompressorError
 from .export import FORMATS
+from .options import add_argument
 from .pipeline import RunConfig, run
 
 
@@ -24,16 +26,9 @@ def _run_parser(sub) -> None:
     budget.add_argument("--budget-latency", type=float, metavar="F",
                         help="fraction of the dense model's measured latency to keep (see 'latency budget')")
     budget.add_argument("--budget-ms", type=float, metavar="T", help="target latency in milliseconds")
-    g = p.add_argument_group("latency budget", "with --budget-latency / --budget-ms: a per-layer latency table is "
-                             "measured on the backend (cached), the widths solved against it, and the pruned model "
-                             "timed whole (within 10%% of the target, else the target is corrected and solved again)")
-    g.add_argument("--latency-backend", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "eager", "compile", "trt"],
-                   help="where latency is measured (default ort-cpu; eager/compile run on --device)")
-    g.add_argument("--latency-batch", type=int, default=1, metavar="B", help="batch size timed (default 1)")
-    g.add_argument("--latency-cache", metavar="DIR", help="latency table cache (default $COMPRESSOR_LATENCY_CACHE, "
-                   "else $XDG_CACHE_HOME/compressor/latency, i.e. ~/.cache/compressor/latency)")
-    g.add_argument("--latency-step", type=int, metavar="C", help="table grid step in channels (default --round-to; "
-                   "finer where a group would have fewer than 4 widths)")
+    _latency_options(p, "with --budget-latency / --budget-ms: a per-layer latency table is measured on the "
+                     "backend (cached), the widths solved against it, and the pruned model timed whole (within 10%% "
+                     "of the target, else the target is corrected and solved again)")
     p.add_argument("--finetune-epochs", type=int, default=5)
     p.add_argument("--pruning-epochs", type=int, metavar="N",
                    help="epochs after the dense model, the criterion's own training included (FFR's regularised "
@@ -55,6 +50,22 @@ def _run_parser(sub) -> None:
     p.add_argument("--bench", action="store_true", help="after the run, benchmark dense vs pruned (see compress bench)")
     _export_options(p)
     _bench_options(p)
+
+
+def _latency_options(p, description: str) -> None:
+    from . import latency
+
+    g = p.add_argument_group("latency budget", description)
+    g.add_argument("--latency-backend", default="ort-cpu", choices=latency.backend_names(),
+                   help="where latency is measured: a bench backend; ort-cpu (default) / ort-cuda name ONNX "
+                        "Runtime's device; eager/compile run on --device")
+    g.add_argument("--latency-batch", type=int, default=1, metavar="B", help="batch size timed (default 1)")
+    g.add_argument("--latency-precision", default="fp32", choices=latency.PRECISIONS,
+                   help="fp32 (default); int8: ONNX Runtime QDQ layers, as --export onnx-int8 deploys; fp16: GPUs")
+    g.add_argument("--latency-cache", metavar="DIR", help="latency table cache (default $COMPRESSOR_LATENCY_CACHE, "
+                   "else $XDG_CACHE_HOME/compressor/latency, i.e. ~/.cache/compressor/latency)")
+    g.add_argument("--latency-step", type=int, metavar="C", help="a fixed table grid on multiples of C channels "
+                   "(default: 6 widths per group, refined where a layer's latency steps)")
 
 
 def _model_options(p) -> None:
@@ -124,10 +135,7 @@ def _criterion_options(p) -> None:
                 groups[method] = p.add_argument_group(f"{method} criterion", doc)
             group = groups[method]
             help_text = f"{meta['help']} (default {criteria.shown_default(f)})"
-        # text the config parses itself (levels) stays text: its check gives the one-line error
-        kind = int if meta["integer"] else float if meta["low"] is not None or meta["high"] is not None else str
-        group.add_argument(flag, dest=criteria.flag_dest(flag), type=kind, choices=meta["choices"],
-                           default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
+        add_argument(group, f, help_text, default=argparse.SUPPRESS)
 
 
 def _criterion_configs(args) -> dict:
@@ -146,90 +154,29 @@ def _compare_parser(sub) -> None:
     _model_options(p)
     p.add_argument("--methods", default="l1,random,tp-l1-global,sensitivity,psap,ffr,smoea",
                    help=f"comma-separated, from {', '.join(criteria.available())} (l1 and random are always added)")
-    p.add_argument("--budgets", default="params:0.1", help="metric:fraction items, e.g. params:0.1656,macs:0.25")
+    p.add_argument("--budgets", default="params:0.1",
+                   help="metric:fraction items, e.g. params:0.1656,macs:0.25,latency:0.5 (latency: measured on "
+                        "--latency-backend at --latency-batch; one latency model shared by every latency cell)")
     p.add_argument("--seeds", default="3", help="a count (3: seeds 0, 1, 2) or a list (0,5,9) (default 3)")
     p.add_argument("--pruning-epochs", type=int, required=True, metavar="N",
                    help="epochs every cell trains after the dense model: the criterion's own training counts, "
                         "fine-tuning gets the rest")
     p.add_argument("--out", required=True, help="study directory (re-run with the same --out to continue)")
     _training_options(p)
+    _latency_options(p, "with latency:F budgets")
     _criterion_options(p)
 
 
 def _export_options(p) -> None:
-    def at_least_one(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-        return value
+    from .export.config import ExportConfig
 
-    g = p.add_argument_group("export")
-    g.add_argument("--trt-precision", default="fp16", choices=["fp32", "fp16", "int8"],
-                   help="TensorRT engine precision (int8: see --trt-int8)")
-    g.add_argument("--trt-int8", default="qdq", choices=["qdq", "calibrator"],
-                   help="int8 engine from the onnx-int8 Q/DQ file (explicit, default), or from the fp32 ONNX with "
-                        "TensorRT's implicit calibrator (TensorRT 10 only, deprecated there)")
-    g.add_argument("--calibration-images", type=at_least_one, default=512, metavar="N",
-                   help="onnx-int8: training images (fixed seed) that calibrate activation ranges (default 512)")
-    g.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"],
-                   help="onnx-int8: ONNX Runtime calibration method (default minmax)")
-    g.add_argument("--int8-scheme", default="s8s8-reduced", choices=["s8s8-reduced", "u8u8", "s8s8"],
-                   help="onnx-int8: 8-bit types. s8s8-reduced (default): int8 with 7-bit weights, which cannot "
-                        "saturate ONNX Runtime's kernels on x86 CPUs without VNNI and runs at s8s8's speed; u8u8: "
-                        "uint8 both, also portable, slower where VNNI is; s8s8: full int8 weights, saturates on "
-                        "x86 CPUs without VNNI (a trt int8 engine always uses s8s8)")
-    g.add_argument("--no-accuracy", dest="accuracy", action="store_false",
-                   help="skip each artifact's top-1 accuracy on the whole test split (measured by default)")
-    g.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
-    g.add_argument("--onnx-fp16", action="store_true",
-                   help="convert the ONNX file to fp16 (needs onnxconverter-common)")
-    g.add_argument("--onnx-simplify", action="store_true", help="simplify the ONNX graph with onnxslim")
-    g.add_argument("--min-batch", type=int, default=1, help="TensorRT profile: smallest batch")
-    g.add_argument("--opt-batch", type=int, default=32, help="TensorRT profile: batch to tune for")
-    g.add_argument("--max-batch", type=int, default=256, help="TensorRT profile / Triton: largest batch")
-    g.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT builder workspace limit")
-    g.add_argument("--triton-repo", help="also write a Triton model repository here (onnx and trt artifacts)")
-
-
-def _checked(flag: str, integer: bool = False, low=0, low_open: bool = True):
-    """An argparse type for a benchmark number that `compress run --bench` must refuse before training
-    (checked when the command line is read; bench() checks the same with the same words)."""
-    def parse(text: str):
-        from .checks import number
-
-        try:
-            return number(flag, int(text) if integer else float(text), integer=integer, low=low, low_open=low_open)
-        except (ValueError, CompressorError) as exc:
-            raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, CompressorError) else
-                                             f"{flag} takes a {'whole number' if integer else 'number'}, not {text!r}"
-                                             ) from None
-    return parse
+    ExportConfig.add_arguments(p.add_argument_group("export"))
 
 
 def _bench_options(p) -> None:
-    from .bench.backends import BACKENDS, COMPILE_MODES, default_backends
+    from .bench.config import BenchConfig
 
-    g = p.add_argument_group("benchmark")
-    g.add_argument("--backends", help=f"{','.join(BACKENDS.names())} (default {','.join(default_backends())})")
-    g.add_argument("--batch-sizes", help="comma-separated batch sizes (default 1,32)")
-    g.add_argument("--precision", default="fp32",
-                   help="comma-separated: fp32, fp16 (GPU), int8 (ort only; other backends skip it) (default fp32)")
-    g.add_argument("--warmup", type=int, default=10)
-    g.add_argument("--min-iters", type=int, default=30, help="timed calls per model and point, at least")
-    g.add_argument("--min-seconds", type=float, default=1.0, help="time each point for at least this long")
-    g.add_argument("--rounds", type=_checked("--rounds", integer=True, low=1, low_open=False), default=10,
-                   help="dense and pruned alternate in at least this many rounds of short bursts; the speedup "
-                        "is the median of the per-round ratios (default 10)")
-    g.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
-                   help="torch.compile mode (default: default, quick to compile; reduce-overhead and max-autotune "
-                        "capture CUDA graphs on a GPU, max-autotune also tunes kernels for minutes)")
-    g.add_argument("--point-seconds", type=_checked("--point-seconds"), default=60.0,
-                   help="cap on each build and each point; one past it is recorded as timed out (default 60)")
-    g.add_argument("--total-seconds", type=_checked("--total-seconds"),
-                   help="stop starting points after this long; --resume does the rest (default: no limit)")
+    BenchConfig.add_arguments(p.add_argument_group("benchmark"))
 
 
 def _export_parser(sub) -> None:
@@ -257,8 +204,13 @@ def _bench_parser(sub) -> None:
 
 
 def _analyze_parser(sub) -> None:
-    p = sub.add_parser("analyze", help="sensitivity analysis of a trained model: table and plot")
+    p = sub.add_parser("analyze", help="sensitivity analysis of a trained model, or (--latency) why a pruned "
+                       "model is (not) faster: tables and plots")
     p.add_argument("source", help="a run directory (its dense.pt) or a checkpoint file")
+    p.add_argument("--latency", action="store_true", help="per group of a run directory: MACs removed against ms "
+                   "saved on --latency-backend, and widths on a slow step of the table (latency-why.md/.json/.png)")
+    p.add_argument("--round-to", type=int, default=8, help="--latency: the run's --round-to (the table's grid)")
+    p.add_argument("--max-ratio", type=float, default=0.95, help="--latency: the run's --max-ratio")
     p.add_argument("--method", default="sensitivity", choices=["sensitivity"])
     p.add_argument("--levels", default="0.25,0.5,0.75")
     p.add_argument("--damage", default="zero", choices=["zero", "noise"])
@@ -268,11 +220,15 @@ def _analyze_parser(sub) -> None:
                    help="must match the run's, to stay off its training images")
     p.add_argument("--seed", type=int, default=0, help="the run's seed (it fixes the validation split)")
     p.add_argument("--out", help="output folder (default: the run directory, or the checkpoint's folder)")
+    _latency_options(p, "with --latency")
     _trust_option(p)
 
 
 def cmd_analyze(args, _argv) -> None:
     from .criteria.sensitivity import SensitivityConfig, analyze_source
+
+    if args.latency:
+        return _analyze_latency(args)
 
     config = SensitivityConfig(levels=args.levels, damage=args.damage)  # checked before any file is read
     analysis, paths = analyze_source(args.source, config, data_dir=args.data_dir, device=args.device,
@@ -284,37 +240,37 @@ def cmd_analyze(args, _argv) -> None:
         print(f"  {name:30s} sensitiveness {value:.4f}")
 
 
+def _analyze_latency(args) -> None:
+    from . import latency
+    from .checks import number
+    from .latency import why
+    from .train import pick_device
+
+    number("--round-to", args.round_to, integer=True, low=1)
+    number("--max-ratio", args.max_ratio, low=0, high=1, low_open=True, high_open=True)
+    if not Path(args.source).is_dir():
+        raise CompressorError(f"compress analyze --latency takes a run directory, not {args.source}")
+    spec = latency.LatencySpec(args.latency_backend, args.latency_batch, args.latency_precision,
+                               cache_dir=args.latency_cache, step=args.latency_step)
+    report, paths = why.explain(args.source, spec, pick_device(args.device), args.round_to, args.max_ratio,
+                                trusted_factories=args.trust_factories)
+    print((Path(args.source) / "latency-why.md").read_text())
+    for path in paths:
+        print(f"wrote {path}")
+
+
 def _inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="print a checkpoint's architecture spec, MACs and parameters")
     p.add_argument("checkpoint")
     _trust_option(p)
 
 
-def _export_kwargs(args) -> dict:
-    return dict(precision=args.trt_precision, opset=args.opset, onnx_fp16=args.onnx_fp16,
-                simplify=args.onnx_simplify, min_batch=args.min_batch, opt_batch=args.opt_batch,
-                max_batch=args.max_batch, workspace_gib=args.workspace_gib, triton_repo=args.triton_repo,
-                accuracy=args.accuracy, calibration_images=args.calibration_images,
-                calibration_method=args.calibration_method, trt_int8=args.trt_int8, int8_scheme=args.int8_scheme,
-                trusted_factories=args.trust_factories)
-
-
-def _bench_kwargs(args) -> dict:
-    # `compress run --resume/--overwrite --bench` continues or replaces the run's bench.jsonl too
-    return dict(backends=args.backends, batch_sizes=args.batch_sizes, precision=args.precision, warmup=args.warmup,
-                min_iters=args.min_iters, min_seconds=args.min_seconds, rounds=args.rounds,
-                compile_mode=args.compile_mode, point_seconds=args.point_seconds, total_seconds=args.total_seconds,
-                resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False),
-                trusted_factories=args.trust_factories)
-
-
 def cmd_run(args, argv) -> None:
-    from .bench import backends
+    from .bench.config import BenchConfig
     from .bench.run import bench
-    from .bench.run import check_options as check_bench
     from .export import parse_formats
     from .export import require as require_formats
-    from .export.run import check_options as check_export
+    from .export.config import ExportConfig
     from .export.run import export
     from .train import pick_device
 
@@ -332,20 +288,19 @@ def cmd_run(args, argv) -> None:
             print(f"compress: note: --{name.replace('_', '-')} is not an option of {args.method}; ignored",
                   file=sys.stderr)
     formats = parse_formats(args.export)
-    check_export(args.trt_precision, args.opset, args.min_batch, args.opt_batch, args.max_batch, args.workspace_gib,
-                 calibration_images=args.calibration_images, calibration_method=args.calibration_method,
-                 trt_int8=args.trt_int8, int8_scheme=args.int8_scheme)
-    check_bench(args.batch_sizes, args.warmup, args.min_iters, args.min_seconds)
+    export_config, bench_config = ExportConfig.from_args(args), BenchConfig.from_args(args)
     if args.bench:
-        device = pick_device(args.device)
-        backends.parse_backends(args.backends, device, backends.check_precision(args.precision, device))
-    require_formats(formats)  # TensorRT and each format's own needs, before training
+        bench_config.resolve(pick_device(args.device))  # backends and precisions possible on the device
+    require_formats(formats, export_config)  # TensorRT and each format's own needs, before training
     metrics = run(config)
     out = metrics["out"]
     if formats:
-        export(out, ",".join(formats), data_dir=args.data_dir, **_export_kwargs(args))
+        export(out, ",".join(formats), data_dir=args.data_dir, config=export_config,
+               trusted_factories=args.trust_factories)
     if args.bench:
-        bench(out, device=args.device, argv=["compress", *argv], **_bench_kwargs(args))
+        # `compress run --resume/--overwrite --bench` continues or replaces the run's bench.jsonl too
+        bench(out, bench_config, device=args.device, resume=args.resume, overwrite=args.overwrite,
+              argv=["compress", *argv], trusted_factories=args.trust_factories)
 
 
 def cmd_compare(args, argv) -> None:
@@ -360,16 +315,20 @@ def cmd_compare(args, argv) -> None:
 
 
 def cmd_export(args, _argv) -> None:
+    from .export.config import ExportConfig
     from .export.run import export
 
-    results = export(args.source, args.formats, out=args.out, data_dir=args.data_dir, **_export_kwargs(args))
+    results = export(args.source, args.formats, out=args.out, data_dir=args.data_dir,
+                     config=ExportConfig.from_args(args), trusted_factories=args.trust_factories)
     print(json.dumps(results, indent=2))
 
 
 def cmd_bench(args, argv) -> None:
+    from .bench.config import BenchConfig
     from .bench.run import bench
 
-    bench(args.run_dir, device=args.device, argv=["compress", *argv], **_bench_kwargs(args))
+    bench(args.run_dir, BenchConfig.from_args(args), device=args.device, resume=args.resume,
+          overwrite=args.overwrite, argv=["compress", *argv], trusted_factories=args.trust_factories)
 
 
 def cmd_inspect(args, _argv) -> None:

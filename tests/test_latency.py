@@ -1,4 +1,5 @@
 """Latency budgets: the lookup table, its cache, the model, the solver and the run's report (ORT CPU)."""
+import copy
 import functools
 import json
 from pathlib import Path
@@ -32,8 +33,9 @@ def test_table_shape_monotone_and_cached(tmp_path):
     graph = conv4_graph()
     spec = LatencySpec("ort-cpu", 1, cache_dir=str(tmp_path), step=16, **FAST)
     lat = LatencyModel(graph, spec, round_to=8, measure=False)
-    assert lat.table.measured and Path(lat.table.path).parent == tmp_path and Path(lat.table.path).is_file()
-    saved = json.loads(Path(lat.table.path).read_text())
+    assert lat.table.measured and lat.table.paths
+    assert all(Path(f).parent == tmp_path and Path(f).is_file() for f in lat.table.paths)
+    saved = json.loads(Path(lat.table.paths[0]).read_text())
     assert saved["key"]["what"]["backend"] == "ort-cpu" and saved["key"]["where"]["device"]
     assert set(lat.table.layers) == {s.name for s in lat.layers}
     for s in lat.layers:
@@ -58,18 +60,68 @@ def test_cache_reused_and_invalidated(tmp_path, capsys):
     second = LatencyModel(graph, spec, measure=False)
     assert not second.table.measured and latency.stats["points"] == before  # nothing timed
     assert "from cache" in capsys.readouterr().out
-    # a table measured elsewhere (another library version) is never used: measured again, and said so
-    saved = json.loads(Path(first.table.path).read_text())
+    # points measured elsewhere (another library version) are never used: measured again, and said so
+    stale = first.table.paths[0]
+    saved = json.loads(Path(stale).read_text())
+    fresh_key = saved["key"]
+    saved["key"] = json.loads(json.dumps(fresh_key))
     saved["key"]["where"]["versions"]["onnxruntime"] = "0.0.1"
-    Path(first.table.path).write_text(json.dumps(saved))
+    Path(stale).write_text(json.dumps(saved))
     third = LatencyModel(graph, spec, measure=False)
     out = capsys.readouterr().out
     assert third.table.measured and latency.stats["points"] > before
     assert "another setting" in out and "0.0.1" in out
-    assert json.loads(Path(first.table.path).read_text())["key"] == third.table.key  # replaced
+    assert json.loads(Path(stale).read_text())["key"] == fresh_key  # replaced
     # another batch is another table
     other = LatencyModel(graph, LatencySpec("ort-cpu", 2, cache_dir=str(tmp_path), step=32, **FAST), measure=False)
-    assert other.table.measured and other.table.path != first.table.path
+    assert other.table.measured and not set(other.table.paths) & set(first.table.paths)
+
+
+def test_default_grid_is_coarse_refined_and_shares_points_between_models(tmp_path):
+    """Without --latency-step: a coarse grid refined where the latency steps, finished in seconds on a tiny
+    model; a second model with a layer of the same shape reuses that layer's points from the cache."""
+    import time
+
+    graph = conv4_graph()
+    spec = LatencySpec("ort-cpu", 1, cache_dir=str(tmp_path), **FAST)
+    t0 = time.perf_counter()
+    lat = LatencyModel(graph, spec, round_to=8, max_ratio=0.9, measure=False)
+    assert time.perf_counter() - t0 < 60
+    for g, grid in lat.grids.items():
+        assert lat.full[g] in grid and len(grid) >= 4 and all(w % 8 == 0 for w in grid)
+        assert len(grid) <= latency.table.COARSE * 2 ** latency.table.REFINE_ROUNDS
+    first = lat.table.points["measured"]
+    assert first > 0
+
+    class Twin(nn.Module):  # conv4's first layer and its pool, then a different head
+        def __init__(self, first):
+            super().__init__()
+            self.features = nn.Sequential(copy.deepcopy(first), nn.MaxPool2d(2, 2), nn.Conv2d(32, 8, 3, padding=1))
+
+        def forward(self, x):
+            return self.features(x).mean((2, 3))
+
+    twin = Twin(graph.model.features[0]).eval()
+    twin_graph = surgery.trace(twin, torch.randn(2, 1, 28, 28))
+    before = latency.stats["points"]
+    shared = LatencyModel(twin_graph, spec, round_to=8, max_ratio=0.9, measure=False)
+    assert shared.table.points["cached"] > 0  # the common layer's points were not timed again
+    assert latency.stats["points"] - before == shared.table.points["measured"]
+
+
+def test_refine_adds_a_width_where_the_latency_steps():
+    from compressor.latency.table import coarse_grid, refine
+
+    allowed = list(range(8, 129, 8))
+    grid = coarse_grid(allowed, 128, 5)
+    assert grid[0] == 8 and grid[-1] == 128 and len(grid) == 5
+    smooth = {w: w / 10 for w in grid}
+    assert refine(grid, allowed, smooth) == grid  # a straight line: nothing to add
+    stepped = {w: 1.0 if w <= grid[2] else 10.0 for w in grid}  # the whole rise is in one interval
+    finer = refine(grid, allowed, stepped)
+    assert set(finer) - set(grid) and all(grid[2] < w < grid[3] for w in set(finer) - set(grid))
+    slower_when_narrower = {**smooth, grid[1]: smooth[grid[2]] * 1.5}
+    assert any(grid[1] < w < grid[2] for w in refine(grid, allowed, slower_when_narrower))
 
 
 def test_cache_location(monkeypatch, tmp_path):
@@ -185,7 +237,8 @@ def test_budget_measured_on_a_cpu_backend(tmp_path, make, backend):
     its grid, and the plan measured whole. Whether it lands within 10% depends on a shared machine's noise,
     so that promise is checked above, on a deterministic backend."""
     graph = make()
-    spec = LatencySpec(backend, 1, cache_dir=str(tmp_path), step=8, fraction=0.5, **FAST)
+    # 0.7: at batch 1 a tiny model's fixed per-call cost leaves ~0.55 of dense the least reachable latency
+    spec = LatencySpec(backend, 1, cache_dir=str(tmp_path), step=8, fraction=0.7, **FAST)
     budget = latency.prepare(spec, graph, round_to=4, max_ratio=0.95)
     sol = solve_widths(graph, budget, None, round_to=4, max_ratio=0.95)
     lat = budget.latency
@@ -281,3 +334,70 @@ def test_layer_weights_are_recovered_and_the_shared_weight_is_the_limit():
     fit = fit_layer_weights(xs, ys)
     assert fit["alpha"] == pytest.approx(1.7) and fit["weights"] == pytest.approx([1.7] * 4, abs=1e-3)
     assert fit_layer_weights([], [])["alpha"] == 1.0  # nothing measured: the plain sum
+
+
+def test_int8_tables_time_qdq_layers(tmp_path):
+    """--latency-precision int8 times each layer as the QDQ ONNX that `--export onnx-int8` deploys."""
+    import onnx
+
+    from compressor.latency.layers import build_layer
+    from compressor.latency.timing import Timer
+
+    graph = conv4_graph()
+    layer = latency.layer_specs(graph)[1]
+    for precision, qdq in (("int8", True), ("fp32", False)):
+        spec = LatencySpec("ort-cpu", 2, precision=precision, **FAST)
+        timer = Timer(spec, torch.device("cpu"), keep=True)
+        module, shape = build_layer(layer, 16, 24)
+        assert timer.time_ms(timer.callable(module, shape)) > 0
+        [path] = [p for p in timer.workdir.glob("*.onnx") if precision in p.name]
+        ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+        assert ({"QuantizeLinear", "DequantizeLinear"} <= ops) == qdq, ops
+    table = LatencyModel(graph, LatencySpec("ort-cpu", 1, precision="int8", cache_dir=str(tmp_path), step=16,
+                                            **FAST), round_to=8, measure=False).table
+    assert table.measured and all("int8" in Path(p).name for p in table.paths)
+    with pytest.raises(CompressorError, match="int8 is measured on ort only"):
+        LatencySpec("eager", 1, precision="int8").__class__  # the spec is fine; where it runs is not
+        latency.resolve_device(LatencySpec("eager", 1, precision="int8"))
+
+
+def test_why_report_names_slow_steps_and_writes_its_files(tmp_path):
+    from compressor.latency import why
+    from compressor.pipeline import RunConfig, run
+
+    graph, lat = hand_model(tmp_path, {4: 1.0, 8: 3.0, 12: 2.0, 16: 4.0}, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0})
+    table = {r["group"]: r for r in why.rows(lat, {"a": 8, "b": 8})}
+    assert "width 12 is predicted no slower" in table["a"]["slow_step"]  # a at 8 runs slower than at 12
+    assert table["b"]["slow_step"] is None and table["b"]["ms_saved"] == pytest.approx(2.0)
+    assert table["a"]["ms_saved"] == pytest.approx(1.0) and 0 < table["b"]["macs_removed"] < 1
+    out = tmp_path / "run"
+    run(RunConfig(model="conv4", dataset="synthetic", epochs=0, finetune_epochs=0, budget=0.5, out=str(out)))
+    spec = LatencySpec("ort-cpu", 1, cache_dir=str(tmp_path / "cache"), step=16, **FAST)
+    report, files = why.explain(out, spec)
+    assert {f.name for f in files} >= {"latency-why.json", "latency-why.md"} and all(f.is_file() for f in files)
+    assert report["pruned_ms"] > 0 and 0 < report["mac_fraction"] < 1
+    assert len(report["groups"]) == len(graph_widths(out)) and "| group |" in (out / "latency-why.md").read_text()
+
+
+def graph_widths(run_dir):
+    from compressor import checkpoint
+    from compressor.rundir import RunDir
+
+    model, spec = checkpoint.load(RunDir(run_dir).dense, with_spec=True)
+    return surgery.trace(model, spec.example_inputs()).widths()
+
+
+def test_cli_analyze_latency(tmp_path, capsys):
+    from compressor.cli import main
+    from compressor.pipeline import RunConfig, run
+
+    out = tmp_path / "run"
+    run(RunConfig(model="conv4", dataset="synthetic", epochs=0, finetune_epochs=0, budget=0.5, out=str(out)))
+    assert main(["analyze", str(out), "--latency", "--latency-step", "16", "--latency-cache",
+                 str(tmp_path / "cache")]) == 0
+    printed = capsys.readouterr().out
+    assert "Why is it (not) faster?" in printed and (out / "latency-why.json").is_file()
+    assert main(["analyze", str(out / "dense.pt"), "--latency"]) == 2
+    assert "takes a run directory" in capsys.readouterr().err
+    assert main(["analyze", str(out), "--latency", "--latency-backend", "eager", "--latency-precision", "int8"]) == 2
+    assert "int8 is measured on ort only" in capsys.readouterr().err

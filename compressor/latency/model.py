@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn as nn
 
+from ..budget import allowed_widths
 from ..errors import BudgetError
 from ..plan import PruningPlan
 from ..provenance import device_name
@@ -43,21 +44,27 @@ class LatencyModel:
         self.full = graph.widths()
         self.names = graph.names()
         self.round_to, self.max_ratio = round_to, max_ratio
-        step = spec.step or round_to
-        self.grids = {g.name: group_grid(g, g.width, step, round_to, max_ratio) for g in graph.groups}
         self.layers = layer_specs(graph)
         self.timer = Timer(spec, self.device)
         self.cold = cold_layers(graph.model, spec, self.device)
-        self.table = table or load_or_measure(self.layers, self.grids, self.full, spec, self.device, self.timer,
-                                              self.cold)
+        if spec.step or table is not None:  # --latency-step: a fixed grid
+            step = spec.step or round_to
+            self.grids = {g.name: group_grid(g, g.width, step, round_to, max_ratio) for g in graph.groups}
+        else:  # a coarse grid, refined where the latency steps
+            self.grids = None
+        self.table = table or load_or_measure(
+            self.layers, self.full, spec, self.device, self.timer, self.cold, grids=self.grids,
+            allowed={g.name: allowed_widths(g.width, round_to, max_ratio, g) for g in graph.groups})
+        self.grids = self.grids or self.table.key["grids"]
         self.alpha, self.beta = 1.0, 0.0
         self.weights = {s.name: 1.0 for s in self.layers}  # a_l: each layer's weight in the model
         self.dense_ms = self.sum_ms(self.full)
         self.dense_model = copy.deepcopy(graph.model).cpu().eval()
         self.example = graph.example_inputs[:1].detach().cpu()
         self.report: dict = {"backend": spec.backend, "batch": spec.batch, "precision": spec.precision,
-                             "device": device_name(self.device), "table": self.table.path,
+                             "device": device_name(self.device), "table": self.table.paths,
                              "table_from_cache": not self.table.measured, "table_seconds": self.table.seconds,
+                             "table_points": self.table.points,
                              "cold_caches": self.cold, "grid": self.grids, "tolerance": solve.TOLERANCE}
         self.solves: list[dict] = []
         if measure:
@@ -66,6 +73,10 @@ class LatencyModel:
     def check_prices(self, graph) -> None:
         """Refuse a graph this model was not built for (its groups' names, or wider than it)."""
         widths = graph.widths()
+        shape = tuple(graph.example_inputs.shape[1:])
+        if shape != tuple(self.example.shape[1:]):
+            raise BudgetError(f"this latency budget's model was measured at input {tuple(self.example.shape[1:])}, "
+                              f"not {shape}")
         if set(widths) != set(self.full) or any(widths[g] > self.full[g] for g in widths):
             raise BudgetError("this latency budget's model was measured for another network (its groups "
                               f"{sorted(self.full)[:4]}...); build one for this graph with compressor.latency.prepare")

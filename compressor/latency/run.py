@@ -19,7 +19,7 @@ from .spec import LatencySpec, resolve_device
 
 
 def budget_from(metric: str, value: float, backend: str = "ort-cpu", batch: int = 1, cache: str | None = None,
-                step: int | None = None) -> Budget | LatencySpec:
+                step: int | None = None, precision: str = "fp32") -> Budget | LatencySpec:
     """The run's budget: a :class:`Budget` for ``macs``/``params``; for ``latency`` (value: fraction of the
     dense latency) or ``latency_ms`` (value: milliseconds) a :class:`LatencySpec`, checked, that
     :func:`prepare` turns into a Budget once the model is traced and measured."""
@@ -31,7 +31,7 @@ def budget_from(metric: str, value: float, backend: str = "ort-cpu", batch: int 
         number("--budget-latency", value, low=0, high=1, low_open=True)
     else:
         number("--budget-ms", value, low=0, low_open=True)
-    spec = LatencySpec(backend, batch, cache_dir=cache, step=step,
+    spec = LatencySpec(backend, batch, precision, cache_dir=cache, step=step,
                        target_ms=value if metric == "latency_ms" else None)
     resolve_device(spec)
     return replace(spec, fraction=value) if metric == "latency" else spec
@@ -40,17 +40,25 @@ def budget_from(metric: str, value: float, backend: str = "ort-cpu", batch: int 
 def check_config(config) -> None:
     """RunConfig.validate's part for budgets (latency ones included)."""
     budget_from(config.budget_metric, config.budget, config.latency_backend, config.latency_batch,
-                config.latency_cache, config.latency_step)
+                config.latency_cache, config.latency_step, config.latency_precision)
 
 
 def prepare(budget: Budget | LatencySpec, graph, device: torch.device | None = None, round_to: int = 8,
-            max_ratio: float = 0.95) -> Budget:
+            max_ratio: float = 0.95, model: LatencyModel | None = None) -> Budget:
     """A MAC or parameter budget as it is; a latency spec measured (or loaded) into its model, an absolute
-    target in ms resolved to a fraction of the dense latency: the Budget the criteria get."""
+    target in ms resolved to a fraction of the dense latency: the Budget the criteria get. ``model``: one
+    already measured for this graph, backend, batch and precision (a study's cells share it)."""
     if isinstance(budget, Budget):
         return budget
     spec = budget
-    model = LatencyModel(graph, spec, round_to, max_ratio, device)
+    if model is not None:
+        model.check_prices(graph)
+        given = (model.spec.backend, model.spec.batch, model.spec.precision, model.round_to, model.max_ratio)
+        if given != (spec.backend, spec.batch, spec.precision, round_to, max_ratio):
+            raise BudgetError(f"the latency model given was measured for {given[:3]} (round_to {given[3]}, "
+                              f"max_ratio {given[4]}), not for {spec.backend}, batch {spec.batch}, {spec.precision}")
+    else:
+        model = LatencyModel(graph, spec, round_to, max_ratio, device)
     fraction = spec.fraction if spec.fraction is not None else 1.0
     if spec.target_ms is not None:
         fraction = spec.target_ms / model.dense_ms

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import CompressorError
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")  # int8: ONNX Runtime only (QDQ layers and models)
 ENV_CACHE = "COMPRESSOR_LATENCY_CACHE"
 
 
@@ -86,11 +86,14 @@ class LatencySpec:
 
 def resolve_device(spec: LatencySpec, device: torch.device | None = None) -> torch.device:
     """The device ``spec``'s backend runs on here, or one clear error saying why it cannot run."""
-    from ..bench.backends import BACKENDS
+    from ..bench.backends import BACKENDS, applies, backends_for
 
     name, where = split(spec.backend)
     info = BACKENDS.get(name).info
     cuda = torch.cuda.is_available()
+    if not applies(name, spec.precision):
+        raise CompressorError(f"--latency-precision {spec.precision} is measured on "
+                              f"{', '.join(backends_for(spec.precision))} only, not {spec.backend}")
     if info.get("tensorrt"):
         from ..export import tensorrt
 
@@ -119,6 +122,8 @@ def resolve_device(spec: LatencySpec, device: torch.device | None = None) -> tor
 
         if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
             raise CompressorError("--latency-backend compile on a CPU needs a C++ compiler (torch.compile's inductor)")
+    if spec.precision == "fp16" and where == "cpu":
+        raise CompressorError("--latency-precision fp16 is for GPUs; on a CPU measure fp32 or int8")
     if where == "cuda" and device is not None and torch.device(device).type == "cuda":
         return torch.device(device)
     return torch.device(where)

@@ -30,9 +30,10 @@ stats = {"points": 0, "models": 0}  # timings taken in this process (tests read 
 class Timer:
     """Turns a module into a callable on the spec's backend, device and precision, and times it."""
 
-    def __init__(self, spec: LatencySpec, device: torch.device):
-        self.spec, self.device = spec, device
+    def __init__(self, spec: LatencySpec, device: torch.device, keep: bool = False):
+        self.spec, self.device, self.keep = spec, device, keep  # keep: leave the built files (tests read them)
         self._tmp = tempfile.TemporaryDirectory(prefix="compressor-latency-")
+        self.workdir = Path(self._tmp.name)
         self._built = 0
 
     def callable(self, module: nn.Module, shape: tuple[int, ...]):
@@ -42,12 +43,11 @@ class Timer:
         example = torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(0))
         self._built += 1
         label = f"m{self._built}"
-        workdir = Path(self._tmp.name)
-        with _quiet_warnings():
-            prepared = backends.prepare(name, module, example, self.device, self.spec.precision, workdir, label,
+        with _quiet_warnings():  # int8: a QDQ ONNX (bench.backends.quantize_int8), as `--export onnx-int8` deploys
+            prepared = backends.prepare(name, module, example, self.device, self.spec.precision, self.workdir, label,
                                         max_batch=self.spec.batch, threads=self.spec.threads)
-        for path in workdir.glob(f"{label}*"):  # loaded: the runtime holds it (a table has hundreds of points)
-            if path.is_file():
+        for path in self.workdir.glob(f"{label}*"):  # loaded: the runtime holds it (a table has hundreds of points)
+            if path.is_file() and not self.keep:
                 path.unlink()
         x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(self.device, prepared.input_dtype)
         if self.device.type == "cuda" and x.dim() == 4 and backends.BACKENDS.get(name).info.get("channels_last"):
@@ -141,5 +141,5 @@ def cold_layers(model: nn.Module, spec: LatencySpec, device: torch.device) -> bo
     batch 1 on ORT CPU)."""
     if device.type != "cpu":
         return False
-    weight_bytes = sum(p.numel() for p in model.parameters()) * (2 if spec.precision == "fp16" else 4)
+    weight_bytes = sum(p.numel() for p in model.parameters()) * {"fp16": 2, "int8": 1}.get(spec.precision, 4)
     return weight_bytes > last_level_cache_bytes() // 2

@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""How long a latency table takes at the defaults, and how right the model built on it is (issue 28).
+
+For each model and batch size: the latency model is built exactly as ``compress run --budget-latency``
+builds it at its defaults (ONNX Runtime CPU, no ``--latency-step``: a coarse grid refined where a
+layer's latency steps, points from the per-layer cache when there), with a fresh cache unless
+``--cache`` is given, then its error is measured on ``--validate`` random width configurations
+(timed whole, interleaved with the dense model, not used for fitting). Prints each result as it
+lands; writes BASE.json and BASE.md with the command, commit, device and date. Random weights:
+latency does not depend on them.
+
+Usage:
+  python benchmarks/cpu_latency_tables.py [--models vgg16,resnet20] [--batch-sizes 1,32] [--validate 10]
+      [--cache DIR] [--out benchmarks/results/cpu-latency-tables]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from compressor import latency, models, surgery  # noqa: E402
+from compressor.files import write_json, write_text  # noqa: E402
+from compressor.provenance import device_name, git_commit, versions  # noqa: E402
+from compressor.selftest import cpu_features  # noqa: E402
+
+SHAPES = {"conv4": (1, 28, 28)}  # the rest: CIFAR's 3 x 32 x 32
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="vgg16,resnet20")
+    ap.add_argument("--batch-sizes", default="1,32")
+    ap.add_argument("--validate", type=int, default=10, help="random width configurations the error is measured on")
+    ap.add_argument("--cache", help="latency cache folder (default: a fresh temporary one: tables timed from scratch)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu-latency-tables"))
+    args = ap.parse_args()
+    cache = args.cache or tempfile.mkdtemp(prefix="latency-tables-")
+    result = {"command": shlex.join([sys.executable, *sys.argv]), "commit": git_commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": device_name(torch.device("cpu")), "cpu_features": cpu_features(), "versions": versions(),
+              "cache": cache if args.cache else "fresh temporary folder", "rows": []}
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        shape = SHAPES.get(name, (3, 32, 32))
+        torch.manual_seed(0)
+        model = models.create(name, 10, shape[0]).eval()
+        graph = surgery.trace(model, torch.randn(2, *shape))
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            spec = latency.LatencySpec("ort-cpu", batch, cache_dir=cache, validate=args.validate)
+            t0 = time.perf_counter()
+            lat = latency.LatencyModel(graph, spec, round_to=8, max_ratio=0.95)
+            total = time.perf_counter() - t0
+            err = lat.report["model_error"]
+            row = {"model": name, "batch": batch, "table_seconds": lat.table.seconds, "points": lat.table.points,
+                   "grid_sizes": {g: len(w) for g, w in lat.grids.items()}, "fit_seconds": lat.report["fit_seconds"],
+                   "total_seconds": total, "dense_ms": lat.dense_ms, "model_error": err,
+                   "calibration_configs": lat.report["calibration_configs"]}
+            result["rows"].append(row)
+            print(f"{name} batch {batch}: table {lat.table.seconds:.0f}s ({lat.table.points['measured']} points "
+                  f"timed, {lat.table.points['cached']} cached), fit {lat.report['fit_seconds']:.0f}s, total "
+                  f"{total:.0f}s; dense {lat.dense_ms:.3f} ms; model error on {err['calibrated']['configs']} random "
+                  f"widths: mean {err['calibrated']['mean']:.1%}, max {err['calibrated']['max']:.1%}", flush=True)
+            write_json(Path(f"{args.out}.json"), result)
+    lines = ["# Latency tables at the defaults (ORT CPU)", "",
+             f"Command: `{result['command']}`  ", f"Commit: {result['commit']}; date {result['date']}  ",
+             f"Device: {result['device']}; CPU (int8 features): {result['cpu_features']}  ",
+             f"Cache: {result['cache']}", "",
+             "| model | batch | table s | points timed / cached | fit s | total s | dense ms | error mean "
+             "| error max |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        e = r["model_error"]["calibrated"]
+        lines.append(f"| {r['model']} | {r['batch']} | {r['table_seconds']:.0f} | {r['points']['measured']} / "
+                     f"{r['points']['cached']} | {r['fit_seconds']:.0f} | {r['total_seconds']:.0f} | "
+                     f"{r['dense_ms']:.3f} | {e['mean']:.1%} | {e['max']:.1%} |")
+    write_text(Path(f"{args.out}.md"), "\n".join(lines) + "\n")
+    print(f"wrote {args.out}.json and {args.out}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

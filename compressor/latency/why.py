@@ -1,0 +1,134 @@
+"""Why a pruned model is (not) faster: group by group, the MACs removed against the milliseconds saved
+on the backend, and whether the kept width sits on a slow step of the measured table.
+
+``compress analyze RUN --latency`` writes ``latency-why.json``, ``latency-why.md`` and
+``latency-why.png`` into the run directory. Each group is priced alone (the others at full
+width) by the latency model, so the rows say where the time went; the whole pruned model is
+also timed, interleaved with the dense one, beside the model's prediction for it.
+
+A kept width is on a *slow step* when a wider width of its grid is predicted no slower (the
+backend runs this width badly: keep more channels for free), or when the next narrower grid
+width saves more than twice the milliseconds per channel of the group's average (a kernel step
+just below: a few channels more would buy a large saving).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..budget import CostModel
+from ..errors import CompressorError
+from ..files import write_json, write_text
+from .model import LatencyModel
+from .spec import LatencySpec
+
+
+def rows(lat: LatencyModel, widths: dict[str, int]) -> list[dict]:
+    """One row per group whose width changed (and every group, if none did)."""
+    cost = CostModel(lat.graph)
+    full, dense_ms = lat.full, lat.predict_ms(lat.full)
+    out = []
+    for g in sorted(full, key=lambda g: lat.names.index(g) if g in lat.names else 0):
+        w, f = widths[g], full[g]
+        alone = {**full, g: w}
+        macs_removed = 1.0 - cost.fractions(alone)["macs"]
+        saved = dense_ms - lat.predict_ms(alone)
+        grid = sorted(lat.grids[g])
+        ms_at = {v: lat.predict_ms({**full, g: v}) for v in grid}
+        ms_w = lat.predict_ms(alone)
+        wider = [v for v in grid if v > w and ms_at[v] <= ms_w + 1e-12]
+        narrower = [v for v in grid if v < w]
+        per_channel = (ms_at[grid[-1]] - ms_at[grid[0]]) / max(1, grid[-1] - grid[0])
+        slow = None
+        if wider:
+            slow = f"width {max(wider)} is predicted no slower ({ms_at[max(wider)]:.4f} ms vs {ms_w:.4f} ms)"
+        elif narrower and per_channel > 0:
+            n = max(narrower)
+            step = (ms_w - ms_at[n]) / (w - n)
+            if step > 2 * per_channel:
+                slow = (f"width {n} would save {ms_w - ms_at[n]:.4f} ms more ({step / per_channel:.1f}x the "
+                        "group's average per channel)")
+        out.append({"group": g, "dense": f, "kept": w, "macs_removed": macs_removed, "ms_saved": saved,
+                    "share_of_time_saved": saved / dense_ms if dense_ms else None, "slow_step": slow})
+    return out
+
+
+def explain(run_dir, spec: LatencySpec, device: torch.device | None = None, round_to: int = 8,
+            max_ratio: float = 0.95, trusted_factories=()) -> tuple[dict, list[Path]]:
+    """The report for a run directory (its dense.pt and pruned.pt), on ``spec``'s backend and batch."""
+    from .. import checkpoint, surgery
+    from ..rundir import RunDir
+
+    run = RunDir(Path(run_dir))
+    for path in (run.dense, run.pruned):
+        if not Path(path).is_file():
+            raise CompressorError(f"compress analyze --latency needs a finished run directory; no {path}")
+    dense, dspec = checkpoint.load(run.dense, with_spec=True, trusted_factories=trusted_factories)
+    pruned = checkpoint.load(run.pruned, trusted_factories=trusted_factories)
+    graph = surgery.trace(dense.cpu().eval(), dspec.example_inputs())
+    lat = LatencyModel(graph, spec, round_to, max_ratio, device)
+    widths = lat.widths_of(pruned)
+    if widths is None:
+        raise CompressorError(f"{run.pruned} does not have {run.dense}'s groups: not a pruned copy of it")
+    table = rows(lat, widths)
+    measured = lat.measure({"pruned": pruned.cpu().eval()})
+    cost = surgery.count(pruned, dspec.example_inputs()).fraction_of(surgery.count(dense, dspec.example_inputs()))
+    report = {"run": str(run_dir), "backend": spec.backend, "batch": spec.batch, "precision": spec.precision,
+              "device": lat.report["device"], "dense_ms": measured["ms"]["dense"],
+              "pruned_ms": measured["ms"]["pruned"], "measured_fraction": measured["fraction"]["pruned"],
+              "predicted_fraction": lat.fraction(widths), "mac_fraction": cost["macs"],
+              "model_error": lat.report.get("model_error"), "groups": table}
+    files = _write(report, Path(run_dir))
+    return report, files
+
+
+def _write(report: dict, folder: Path) -> list[Path]:
+    lines = [f"# Why is it (not) faster? {report['backend']}, batch {report['batch']}, {report['precision']}", "",
+             f"Device: {report['device']}. Measured whole, interleaved: dense {report['dense_ms']:.4f} ms, pruned "
+             f"{report['pruned_ms']:.4f} ms ({report['measured_fraction']:.3f} of dense; the latency model predicts "
+             f"{report['predicted_fraction']:.3f}); MACs kept {report['mac_fraction']:.3f}.", "",
+             "Each group priced alone, the others at full width (the latency model):", "",
+             "| group | width | MACs removed | ms saved | share of time saved | slow step |",
+             "|---|---|---|---|---|---|"]
+    for r in report["groups"]:
+        lines.append(f"| {r['group']} | {r['dense']} -> {r['kept']} | {r['macs_removed']:.1%} | {r['ms_saved']:.4f} | "
+                     f"{(r['share_of_time_saved'] or 0):.1%} | {r['slow_step'] or ''} |")
+    paths = [folder / "latency-why.json", folder / "latency-why.md"]
+    write_json(paths[0], report)
+    write_text(paths[1], "\n".join(lines) + "\n")
+    try:
+        paths.append(_plot(report, folder / "latency-why.png"))
+    except ImportError:
+        pass
+    return paths
+
+
+def _plot(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..files import atomic_path
+
+    groups = report["groups"]
+    names = [r["group"] for r in groups]
+    y = range(len(groups))
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(groups) + 1.5))
+    ax.barh([i - 0.2 for i in y], [r["macs_removed"] for r in groups], 0.4, label="share of MACs removed")
+    ax.barh([i + 0.2 for i in y], [r["share_of_time_saved"] or 0 for r in groups], 0.4,
+            label=f"share of time saved ({report['backend']}, batch {report['batch']})")
+    for i, r in enumerate(groups):
+        if r["slow_step"]:
+            ax.annotate("slow step", (max(r["macs_removed"], r["share_of_time_saved"] or 0), i), fontsize=7,
+                        xytext=(3, -3), textcoords="offset points")
+    ax.set_yticks(list(y), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of the dense model")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
