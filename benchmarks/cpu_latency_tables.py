@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -84,6 +85,8 @@ def main() -> int:
                      f"{r['dense_ms']:.3f} | {e['mean']:.1%} | {e['max']:.1%} |")
     write_text(Path(f"{args.out}.md"), "\n".join(lines) + "\n")
     print(f"wrote {args.out}.json and {args.out}.md")
+    if not args.cache:
+        shutil.rmtree(cache, ignore_errors=True)
     return 0
 
 

@@ -63,8 +63,8 @@ class Budget:
             object.__setattr__(self, "tolerance", LATENCY_TOLERANCE * self.fraction)
 
     def __str__(self):
-        if self.metric == "latency" and self.latency is not None:
-            spec = self.latency.spec
+        spec = getattr(self.latency, "spec", None)
+        if self.metric == "latency" and spec is not None:
             return f"{self.fraction:.4g} of latency ({spec.backend}, batch {spec.batch})"
         return f"{self.fraction:.4g} of {self.metric.upper() if self.metric == 'macs' else self.metric}"
 
@@ -79,7 +79,7 @@ class CostModel:
 
     def __init__(self, graph: Graph, latency: LatencyCost | None = None):
         if latency is not None:
-            latency.check_prices(graph)
+            latency_cost(Budget("latency", 1.0, latency=latency), graph)  # a model, and this graph's
         self.latency = latency  # criteria that read fractions()["latency"] get the measured model
         model, x = graph.model, graph.example_inputs
         was_training = model.training
@@ -132,6 +132,10 @@ def latency_cost(budget: Budget, graph: Graph) -> LatencyCost | None:
     if budget.latency is None:
         raise BudgetError("a latency budget needs its latency model: compressor.latency.prepare(spec, graph) "
                           "builds the Budget (or Budget('latency', F, latency=LatencyModel(graph, spec)))")
+    if not callable(getattr(budget.latency, "check_prices", None)):
+        raise BudgetError(f"Budget.latency is the latency model that prices the widths, not a "
+                          f"{type(budget.latency).__name__}: compressor.latency.prepare(spec, graph) builds the "
+                          "Budget from a LatencySpec")
     budget.latency.check_prices(graph)
     return budget.latency
 

@@ -209,8 +209,8 @@ def _analyze_parser(sub) -> None:
     p.add_argument("source", help="a run directory (its dense.pt) or a checkpoint file")
     p.add_argument("--latency", action="store_true", help="per group of a run directory: MACs removed against ms "
                    "saved on --latency-backend, and widths on a slow step of the table (latency-why.md/.json/.png)")
-    p.add_argument("--round-to", type=int, default=8, help="--latency: the run's --round-to (the table's grid)")
-    p.add_argument("--max-ratio", type=float, default=0.95, help="--latency: the run's --max-ratio")
+    p.add_argument("--round-to", type=int, help="--latency: the table's grid (default: the run's --round-to)")
+    p.add_argument("--max-ratio", type=float, help="--latency: default the run's --max-ratio")
     p.add_argument("--method", default="sensitivity", choices=["sensitivity"])
     p.add_argument("--levels", default="0.25,0.5,0.75")
     p.add_argument("--damage", default="zero", choices=["zero", "noise"])
@@ -246,15 +246,22 @@ def _analyze_latency(args) -> None:
     from .latency import why
     from .train import pick_device
 
-    number("--round-to", args.round_to, integer=True, low=1)
-    number("--max-ratio", args.max_ratio, low=0, high=1, low_open=True, high_open=True)
     if not Path(args.source).is_dir():
         raise CompressorError(f"compress analyze --latency takes a run directory, not {args.source}")
-    spec = latency.LatencySpec(args.latency_backend, args.latency_batch, args.latency_precision,
+    ran = why.run_settings(args.source)  # the run's own: its grid, and a latency budget's backend
+    settings = {k: getattr(args, k) for k in ("latency_backend", "latency_batch", "latency_precision")}
+    if ran.get("budget_metric") in ("latency", "latency_ms") and all(
+            settings[k] == RunConfig.__dataclass_fields__[k].default for k in settings):
+        settings = {k: ran.get(k, v) for k, v in settings.items()}
+    round_to = number("--round-to", args.round_to if args.round_to is not None else ran.get("round_to", 8),
+                      integer=True, low=1)
+    max_ratio = number("--max-ratio", args.max_ratio if args.max_ratio is not None else ran.get("max_ratio", 0.95),
+                       low=0, high=1, low_open=True, high_open=True)
+    spec = latency.LatencySpec(settings["latency_backend"], settings["latency_batch"], settings["latency_precision"],
                                cache_dir=args.latency_cache, step=args.latency_step)
-    report, paths = why.explain(args.source, spec, pick_device(args.device), args.round_to, args.max_ratio,
-                                trusted_factories=args.trust_factories)
-    print((Path(args.source) / "latency-why.md").read_text())
+    report, paths = why.explain(args.source, spec, pick_device(args.device), round_to, max_ratio,
+                                trusted_factories=args.trust_factories, out=args.out)
+    print(Path(paths[1]).read_text())
     for path in paths:
         print(f"wrote {path}")
 

@@ -123,12 +123,14 @@ def compare(base: RunConfig, methods: list[str], budgets: list[tuple[str, float]
     for metric, fraction in budgets:  # a latency budget's backend, batch and precision: checked before any work
         replace(base, budget_metric=metric, budget=fraction).validate()
     dense_ckpt, dense = _dense(base, out)
-    latency_model = _latency_model(base, dense_ckpt) if any(m == "latency" for m, _ in budgets) else None
+    latency_model = None  # measured when the first unfinished latency cell needs it
     started, done_here, results = time.perf_counter(), [], {}
     for i, cell in enumerate(cells, 1):
         folder = out / "cells" / cell.name
         finished = RunDir(folder).finished()
         t0 = time.perf_counter()
+        if cell.metric == "latency" and not finished and latency_model is None:
+            latency_model = _latency_model(base, dense_ckpt)
         # the split is the dense model's: its seed (--seed), not the cell's
         record = _cell(replace(base, criterion=configs[cell.method]), cell, folder, dense_ckpt,
                        base.seed if base.split_seed is None else base.split_seed, latency_model)
@@ -215,7 +217,7 @@ def _latency_model(base: RunConfig, dense_ckpt: str):
     model, spec = checkpoint.load(dense_ckpt, with_spec=True, trusted_factories=base.trust_factories)
     graph = surgery.trace(model.cpu().eval(), spec.example_inputs())
     lspec = latency.budget_from("latency", 1.0, base.latency_backend, base.latency_batch, base.latency_cache,
-                                base.latency_step, base.latency_precision)
+                                base.latency_step, base.latency_precision, base.device)
     print(f"compare: measuring the dense model's latency table on {lspec.backend} at batch {lspec.batch} "
           f"({lspec.precision})", flush=True)
     return latency.LatencyModel(graph, lspec, base.round_to, base.max_ratio, _device(base))
@@ -229,7 +231,8 @@ def _cell(base: RunConfig, cell: Cell, folder: Path, dense_ckpt: str, split_seed
         return _fields(cell, RunDir(folder).record(CELL_FIX), folder, 0.0)
     try:
         with _quietly(folder):
-            metrics = run(config, latency_model=latency_model if cell.metric == "latency" else None)
+            shared = {"latency_model": latency_model} if cell.metric == "latency" else {}
+            metrics = run(config, **shared)
     except CompressorError as exc:
         return {"cell": cell.name, "status": "failed", "error": str(exc), **asdict(cell), "run": str(folder)}
     return _record(cell, metrics, folder, time.perf_counter() - t0)

@@ -209,7 +209,7 @@ def run(config: RunConfig, latency_model=None) -> dict:
             config.validate()  # the saved settings are a file's words: checked like the command line's
     # Fail fast on names and numbers, before any data is read or any epoch is spent.
     budget = latency.budget_from(config.budget_metric, config.budget, config.latency_backend, config.latency_batch,
-                                 config.latency_cache, config.latency_step, config.latency_precision)
+                                 config.latency_cache, config.latency_step, config.latency_precision, config.device)
     if config.method not in criteria.available():
         raise CompressorError(f"unknown method {config.method!r}; available: {', '.join(criteria.available())}")
     if config.from_scratch and (config.checkpoint or config.epochs):

@@ -313,3 +313,20 @@ def test_run_bench_refuses_new_bench_numbers_before_training(tmp_path, capsys, f
     assert words in capsys.readouterr().err and not out.exists()
     with pytest.raises(CompressorError, match=words.split(",")[0]):
         bench(tmp_path / "missing", **{flag[2:].replace("-", "_"): value})
+
+
+def test_a_backend_of_the_callers_main_runs_in_process():
+    """A backend defined in a script or a notebook (``__main__``) pickles by a name a fresh worker lacks: it
+    runs in this process instead of failing every backend of the worker."""
+    from types import SimpleNamespace
+
+    from compressor.bench import worker
+
+    def build(model, b):
+        return model
+
+    build.__module__ = "__main__"
+    assert not worker.portable(SimpleNamespace(target=build))
+    from compressor.bench.backends import BACKENDS
+
+    assert worker.portable(BACKENDS.get("eager"))

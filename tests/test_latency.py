@@ -190,10 +190,12 @@ def test_each_budget_carries_its_own_model(tmp_path):
         assert on_flat.widths == {"a": 16, "b": 8}  # pruning a buys nothing on this backend
         assert on_fast.widths["a"] < 16
     other = small_vgg_graph()
-    with pytest.raises(BudgetError, match="another network"):
+    with pytest.raises(BudgetError, match="measured at input|another network"):
         solve_widths(other, Budget("latency", 0.5, latency=fast), None, round_to=4, max_ratio=0.95)
     with pytest.raises(BudgetError, match="needs its latency model"):
         solve_widths(graph_fast, Budget("latency", 0.5), None, round_to=4, max_ratio=0.95)
+    with pytest.raises(BudgetError, match="not a LatencySpec"):  # the spec is what prepare() measures
+        solve_widths(graph_fast, Budget("latency", 0.5, latency=LatencySpec()), None, round_to=4, max_ratio=0.95)
     step = Budget("latency", 0.75, latency=fast).step(0.9)
     assert step.latency is fast and step.tolerance == pytest.approx(latency.TOLERANCE * 0.9)
 

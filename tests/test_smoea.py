@@ -219,3 +219,37 @@ def test_cli_resume_of_a_finished_search_keeps_its_plan(tmp_path, capsys):
     assert main(args[:5] + ["--population", "2"]) == 2
     assert "--population must be at least 4" in capsys.readouterr().err
 
+
+
+def test_latency_objective_on_a_hand_made_table(small):
+    """Under a latency budget the second objective is the latency model's prediction: on a table where only one
+    group's width costs time, SMOEA cuts that group to the budget; the others cost nothing, so (unlike under a
+    MAC budget of the same fraction) the budget does not make it cut them."""
+    from compressor.latency import LatencyModel, LatencySpec, LatencyTable, layer_specs
+
+    torch.manual_seed(0)
+    model = models.create("conv4", 10, 3)
+    graph = surgery.trace(model, small.example_inputs())
+    costly = graph.groups[1].name
+    layers = {}
+    for s in layer_specs(graph):
+        ins = [1, s.in_full] if s.in_groups else [s.in_full]
+        outs = [1, s.out_full]
+        cost = (lambda cout: cout / s.out_full) if s.out_groups == [costly] else (lambda cout: 0.0)
+        layers[s.name] = {"in": ins, "out": outs, "ms": [[cost(o) for o in outs] for _ in ins]}
+    lat = LatencyModel(graph, LatencySpec("ort-cpu", 1, step=4, verbose=False), round_to=4,
+                       table=LatencyTable({}, layers), measure=False)
+    lat.check = lambda widths: {"fraction": lat.fraction(widths), "ms": lat.predict_ms(widths), "dense_ms": 1.0}
+    request = PlanRequest(model, small.example_inputs(), Budget("latency", 0.5, latency=lat), data=small,
+                          round_to=4)
+    plan = _plan(request, group_size=1, generations=2, step_epochs=0)
+    widths = plan.widths()
+    full = graph.widths()
+    assert abs(lat.fraction({**full, **widths}) - 0.5) <= 0.05
+    assert widths[costly] <= 0.55 * full[costly]
+    free = [g for g in full if g != costly]
+    assert request.report["smoea"]["settings"]["peer_seeds"] == ["tp-lamp", "tp-l1-global"]
+    torch.manual_seed(0)
+    macs = _plan(PlanRequest(models.create("conv4", 10, 3), small.example_inputs(), Budget("macs", 0.5), data=small,
+                             round_to=4), group_size=1, generations=2, step_epochs=0).widths()
+    assert sum(widths[g] for g in free) > sum(macs[g] for g in free), (widths, macs)

@@ -192,8 +192,9 @@ def bench(run_dir: str | Path, config: BenchConfig | None = None, *, device: str
         if dev.type == "cuda" and torch.cuda.is_initialized():
             torch.cuda.empty_cache()  # what this process trained with is the worker's now
         worker = workers.Worker(checkpoints, trusted_factories, dev, [B.BACKENDS.get(b) for b in portable])
-        worker.launch()
     try:
+        if worker is not None:
+            worker.launch()
         loaded = {name: checkpoint.load(path, with_spec=True, trusted_factories=trusted_factories)
                   for name, path in checkpoints.items()}
         spec = loaded["dense"][1]
@@ -211,6 +212,9 @@ def bench(run_dir: str | Path, config: BenchConfig | None = None, *, device: str
                     continue
                 failure = None
                 for i, key in enumerate(keys):
+                    if spent():  # the budget ran out: no worker is started only to time out
+                        left_undone += len(keys) - i
+                        break
                     if failure is None and runner.group != (backend, prec):  # first, or after a kill: build
                         failure, limit = _build(runner, backend, prec, cap, _artifacts(run_dir), max(sizes),
                                                 config.compile_mode)

@@ -83,7 +83,10 @@ class Work:
 
 
 def portable(entry) -> bool:
-    """Whether a fresh process can import ``entry`` (a backend): a function defined inside another cannot be."""
+    """Whether a fresh process can import ``entry`` (a backend): a function defined inside another cannot be,
+    nor one of the caller's ``__main__`` (a script or a notebook), which pickles by a name the worker lacks."""
+    if getattr(getattr(entry, "target", entry), "__module__", None) == "__main__":
+        return False
     try:
         pickle.dumps(entry)
     except Exception:  # noqa: BLE001 - PicklingError, AttributeError ("local object"), TypeError

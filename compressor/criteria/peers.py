@@ -46,6 +46,19 @@ def tp_scores(graph: Graph, importance: tp.importance.Importance) -> dict[str, t
     return scores
 
 
+GLOBAL_PEERS = {"tp-lamp": tp.importance.LAMPImportance,
+                "tp-l1-global": lambda: tp.importance.GroupMagnitudeImportance(p=1)}
+
+
+def global_allocation(graph: Graph, name: str, budget, round_to: int, max_ratio: float) -> dict[str, int]:
+    """The widths a global peer (``tp-lamp``, ``tp-l1-global``) spreads ``budget`` over, as priced by the
+    budget's cost model (its latency model included), before the solver's final correction: how the peer
+    would allocate the budget over the layers (SMOEA starts from it)."""
+    if name not in GLOBAL_PEERS:
+        raise CompressorError(f"{name!r} is not a global Torch-Pruning peer; choose from {', '.join(GLOBAL_PEERS)}")
+    return global_widths(graph, tp_scores(graph, GLOBAL_PEERS[name]()), budget, round_to, max_ratio)
+
+
 def _accumulate_gradients(request: PlanRequest) -> None:
     """Sum the loss gradients of :data:`TAYLOR_IMAGES` training images into the weights' ``.grad``."""
     if request.data is None:
@@ -87,7 +100,7 @@ def _peer(importance: Callable[[], tp.importance.Importance], use_global: bool, 
 
 
 register("tp-l1")(_peer(lambda: tp.importance.GroupMagnitudeImportance(p=1), use_global=False))
-register("tp-l1-global")(_peer(lambda: tp.importance.GroupMagnitudeImportance(p=1), use_global=True))
+register("tp-l1-global")(_peer(GLOBAL_PEERS["tp-l1-global"], use_global=True))
 register("tp-bn")(_peer(tp.importance.BNScaleImportance, use_global=False))
 register("tp-taylor")(_peer(tp.importance.GroupTaylorImportance, use_global=False, gradients=True))
-register("tp-lamp")(_peer(tp.importance.LAMPImportance, use_global=True))
+register("tp-lamp")(_peer(GLOBAL_PEERS["tp-lamp"], use_global=True))

@@ -9,10 +9,17 @@ For a block, NSGA-II (``compressor.criteria.nsga``) searches binary keep-masks o
 filters: uniform or two-point crossover, bit-flip mutation (default rate 1 / filters),
 binary tournaments on rank and crowding. The initial population comes from L1 rankings:
 member i keeps the top share f_i of every group's filters by L1 norm, f_i spread evenly
-from 1 down to the share the budget allows. A group always keeps at least one filter.
+from 1 down to the share the budget allows; members 1, 2, ... are replaced by the
+allocations of the best global Torch-Pruning peers (``--peer-seeds``, default tp-lamp and
+tp-l1-global: their widths for the whole budget, each group keeping its top filters by L1),
+so the search starts from how the strongest peers spread the budget over the layers. A
+group always keeps at least one filter.
 Objectives (both minimised): ``-accuracy`` (or the loss, ``--objective loss``) on the
 first ``--search-samples`` validation images, and the kept fraction of the budget's metric
-(parameters or MACs) of the whole model.
+(parameters or MACs) of the whole model; under a latency budget, the latency model's
+predicted fraction of the dense latency (``compressor.latency``: measured per-layer tables),
+so the search trades accuracy against time on the backend, and the pipeline measures the
+chosen plan whole.
 
 Budget share: the reference allocation is the uniform one (every group pruned by the same
 ratio, as L1's). A candidate *meets its block's share* when the whole model, with earlier
@@ -58,6 +65,7 @@ from ..surgery import Graph
 from ..train import autocast, fit
 from . import CriterionConfig, PlanRequest, masking, nsga, option, register, train_config
 from .baselines import filter_l1
+from .peers import global_allocation
 from .subnet import Split
 
 STATE, WEIGHTS = "smoea-state.pt", "smoea-weights-{block}.pt"
@@ -282,6 +290,19 @@ class SMOEAConfig(CriterionConfig):
     search_samples: int = option(2048, "validation images that score a candidate", flag="--search-samples",
                                  integer=True, low=1)
     step_epochs: int = option(1, "training epochs between blocks", flag="--step-epochs", integer=True, low=0)
+    peer_seeds: str = option("tp-lamp,tp-l1-global", "global Torch-Pruning peers whose allocations join the first "
+                             "population (comma-separated, or none)", flag="--peer-seeds")
+
+    def check(self) -> None:
+        from .peers import GLOBAL_PEERS
+
+        bad = [n for n in self.peers() if n not in GLOBAL_PEERS]
+        if bad:
+            raise CompressorError(f"--peer-seeds takes {', '.join(GLOBAL_PEERS)} or none, not {', '.join(bad)}")
+
+    def peers(self) -> list[str]:
+        text = self.peer_seeds.strip()
+        return [] if text in ("", "none") else [n.strip() for n in text.split(",") if n.strip()]
 
 
 @register("smoea", config=SMOEAConfig)
@@ -298,10 +319,11 @@ def smoea(request: PlanRequest, config: SMOEAConfig) -> PruningPlan:
     settings = {"population": population, "generations": generations, "group_size": group_size, "seed": request.seed,
                 "samples": samples, "objective": objective, "crossover": kind,
                 "budget": [budget.metric, budget.fraction],
-                "mutation": config.mutation, "max_ratio": request.max_ratio,
+                "mutation": config.mutation, "max_ratio": request.max_ratio, "peer_seeds": config.peers(),
                 "train": train_config(request, step_epochs, request.seed).as_dict()}
     cost = CostModel(graph, latency_cost(budget, graph))
     reference = solve_widths(graph, budget, None, 1, request.max_ratio).widths
+    peer_widths = {n: global_allocation(graph, n, budget, 1, request.max_ratio) for n in config.peers()}
     blocks = blocks_by_size(graph, group_size)
     masks = masking.full_masks(graph)
     saved = {"block": 0, "masks": masks, "fronts": [], "search": None, "settings": settings}
@@ -343,6 +365,9 @@ def smoea(request: PlanRequest, config: SMOEAConfig) -> PruningPlan:
 
         started = time.perf_counter()
         seeds = _seed_population([l1[n] for n in block], population, lowest, [graph.group(n) for n in block])
+        for k, widths in enumerate(peer_widths.values(), start=1):  # beside the L1 shares: the peers' allocations
+            if k < len(seeds):
+                seeds[k] = torch.cat([masking.keep_mask(l1[n], widths[n], graph.group(n)) for n in block])
         result = nsga.search(evaluator, seeds, generations, g,
                              kind, config.mutation, repair, state=state,
                              reference=(0.0, 1.0001) if objective == "accuracy" else None,

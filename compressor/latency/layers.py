@@ -34,14 +34,20 @@ class LayerSpec:
     followers: list[dict] = field(default_factory=list)  # [{"type": "BatchNorm2d"}, {"type": "MaxPool2d", ...}]
 
     def shape_key(self) -> dict:
-        """What the layer's timings depend on (not which groups drive it)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("in_groups", "out_groups")}
+        """What a point's timing depends on beside its (input, output) channels: not the layer's name, its
+        full widths or which groups drive it, so identical layers share their points."""
+        return {k: v for k, v in asdict(self).items() if k not in ("name", "in_full", "out_full", "in_groups",
+                                                                     "out_groups")}
 
 
 def _follower(module: nn.Module) -> dict:
     kind = type(module).__name__
-    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
-        return {"type": kind, "kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding}
+    if isinstance(module, nn.MaxPool2d):
+        return {"type": kind, "kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
+                "dilation": module.dilation, "ceil_mode": module.ceil_mode}
+    if isinstance(module, nn.AvgPool2d):
+        return {"type": kind, "kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
+                "ceil_mode": module.ceil_mode, "count_include_pad": module.count_include_pad}
     if isinstance(module, nn.AdaptiveAvgPool2d):
         return {"type": kind, "output_size": module.output_size}
     if isinstance(module, nn.LeakyReLU):
@@ -53,8 +59,12 @@ def _make_follower(f: dict, width: int) -> nn.Module:
     kind = f["type"]
     if kind in ("BatchNorm1d", "BatchNorm2d"):
         return getattr(nn, kind)(width)
-    if kind in ("MaxPool2d", "AvgPool2d"):
-        return getattr(nn, kind)(f["kernel_size"], f["stride"], f["padding"])
+    if kind == "MaxPool2d":
+        return nn.MaxPool2d(f["kernel_size"], f["stride"], f["padding"], f.get("dilation", 1),
+                            ceil_mode=f.get("ceil_mode", False))
+    if kind == "AvgPool2d":
+        return nn.AvgPool2d(f["kernel_size"], f["stride"], f["padding"], f.get("ceil_mode", False),
+                            f.get("count_include_pad", True))
     if kind == "AdaptiveAvgPool2d":
         return nn.AdaptiveAvgPool2d(f["output_size"])
     if kind == "LeakyReLU":

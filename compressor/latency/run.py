@@ -19,7 +19,7 @@ from .spec import LatencySpec, resolve_device
 
 
 def budget_from(metric: str, value: float, backend: str = "ort-cpu", batch: int = 1, cache: str | None = None,
-                step: int | None = None, precision: str = "fp32") -> Budget | LatencySpec:
+                step: int | None = None, precision: str = "fp32", device: str | None = None) -> Budget | LatencySpec:
     """The run's budget: a :class:`Budget` for ``macs``/``params``; for ``latency`` (value: fraction of the
     dense latency) or ``latency_ms`` (value: milliseconds) a :class:`LatencySpec`, checked, that
     :func:`prepare` turns into a Budget once the model is traced and measured."""
@@ -33,14 +33,23 @@ def budget_from(metric: str, value: float, backend: str = "ort-cpu", batch: int 
         number("--budget-ms", value, low=0, low_open=True)
     spec = LatencySpec(backend, batch, precision, cache_dir=cache, step=step,
                        target_ms=value if metric == "latency_ms" else None)
-    resolve_device(spec)
+    resolve_device(spec, None if device in (None, "auto") else _device(device))  # where the run will be
     return replace(spec, fraction=value) if metric == "latency" else spec
+
+
+def _device(text: str) -> torch.device:
+    from ..errors import CompressorError
+
+    try:
+        return torch.device(text)
+    except RuntimeError:
+        raise CompressorError(f"--device {text!r} is not a device (cpu, cuda, cuda:N)") from None
 
 
 def check_config(config) -> None:
     """RunConfig.validate's part for budgets (latency ones included)."""
     budget_from(config.budget_metric, config.budget, config.latency_backend, config.latency_batch,
-                config.latency_cache, config.latency_step, config.latency_precision)
+                config.latency_cache, config.latency_step, config.latency_precision, config.device)
 
 
 def prepare(budget: Budget | LatencySpec, graph, device: torch.device | None = None, round_to: int = 8,
@@ -53,10 +62,14 @@ def prepare(budget: Budget | LatencySpec, graph, device: torch.device | None = N
     spec = budget
     if model is not None:
         model.check_prices(graph)
-        given = (model.spec.backend, model.spec.batch, model.spec.precision, model.round_to, model.max_ratio)
-        if given != (spec.backend, spec.batch, spec.precision, round_to, max_ratio):
-            raise BudgetError(f"the latency model given was measured for {given[:3]} (round_to {given[3]}, "
-                              f"max_ratio {given[4]}), not for {spec.backend}, batch {spec.batch}, {spec.precision}")
+        s = model.spec
+        given = (s.bench_backend, model.device.type, s.batch, s.precision, s.step, s.threads, model.round_to,
+                 model.max_ratio)
+        wanted = (spec.bench_backend, resolve_device(spec, device).type, spec.batch, spec.precision, spec.step,
+                  spec.threads, round_to, max_ratio)
+        if given != wanted:
+            raise BudgetError(f"the latency model given was measured for (backend, device, batch, precision, step, "
+                              f"threads, round_to, max_ratio) = {given}, not {wanted}")
     else:
         model = LatencyModel(graph, spec, round_to, max_ratio, device)
     fraction = spec.fraction if spec.fraction is not None else 1.0

@@ -73,7 +73,7 @@ class LatencySpec:
         number("latency table_iters", self.table_iters, integer=True, low=1)
         number("latency check_seconds", self.check_seconds, low=0)
         number("latency validate", self.validate, integer=True, low=0)
-        number("latency calibrate", self.calibrate, integer=True, low=0, optional=True)
+        number("latency calibrate", self.calibrate, integer=True, low=1, optional=True)
 
     @property
     def bench_backend(self) -> str:
@@ -117,11 +117,11 @@ def resolve_device(spec: LatencySpec, device: torch.device | None = None) -> tor
         if where == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise CompressorError(f"--latency-backend {spec.backend} needs onnxruntime-gpu; this machine's "
                                   f"onnxruntime has {', '.join(ort.get_available_providers())} (use ort-cpu here)")
-    if name == "compile" and where == "cpu":
+    if name in ("compile", "aoti") and where == "cpu":
         import shutil
 
         if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
-            raise CompressorError("--latency-backend compile on a CPU needs a C++ compiler (torch.compile's inductor)")
+            raise CompressorError(f"--latency-backend {name} on a CPU needs a C++ compiler (torch's inductor)")
     if spec.precision == "fp16" and where == "cpu":
         raise CompressorError("--latency-precision fp16 is for GPUs; on a CPU measure fp32 or int8")
     if where == "cuda" and device is not None and torch.device(device).type == "cuda":

@@ -164,6 +164,7 @@ class PointCache:
 
     def __init__(self, spec: LatencySpec, device: torch.device, cold: bool):
         self.spec, self.cold = spec, cold
+        self.backend = f"{spec.bench_backend}-{device.type}"  # ort and ort-cpu: one setting, one file
         self.folder = cache_dir(spec.cache_dir)
         self.where = {"device": device_name(device), "versions": library_versions(spec.backend)}
         self.files: dict[str, dict] = {}  # path -> {"key": ..., "points": {...}}
@@ -171,13 +172,13 @@ class PointCache:
 
     def key(self, layer: LayerSpec) -> dict:
         s = self.spec
-        what = {"version": TABLE_VERSION, "backend": s.backend, "batch": s.batch, "precision": s.precision,
+        what = {"version": TABLE_VERSION, "backend": self.backend, "batch": s.batch, "precision": s.precision,
                 "threads": s.threads, "iters": s.table_iters, "cold_caches": self.cold, "layer": layer.shape_key()}
         return {"what": what, "where": self.where}
 
     def path(self, layer: LayerSpec) -> str:
         s = self.spec
-        return str(self.folder / f"{s.backend}-b{s.batch}-{s.precision}-{_digest(self.key(layer)['what'])}.json")
+        return str(self.folder / f"{self.backend}-b{s.batch}-{s.precision}-{_digest(self.key(layer)['what'])}.json")
 
     def points(self, layer: LayerSpec) -> dict[str, float]:
         path = self.path(layer)
@@ -236,6 +237,7 @@ class Measurer:
         module, shape = build_layer(layer, cin or cout, cout)
         t0 = time.perf_counter()
         have[key] = self.timer.time_ms(self.timer.callable(module, shape), flush=self.cold)
+        self.timer.release()
         self.seconds += time.perf_counter() - t0
         self.measured += 1
         self.cache.dirty.add(self.cache.path(layer))
@@ -258,8 +260,9 @@ def auto_grids(specs: list[LayerSpec], allowed: dict[str, list[int]], full: dict
     """Each group's grid without ``--latency-step``: coarse, then refined where its layers' latency steps."""
     grids = {g: coarse_grid(allowed[g], full[g]) for g in full}
     owners = {g: [s for s in specs if s.out_groups == [g]] for g in full}  # the layers whose width g sets
-    for _ in range(REFINE_ROUNDS):
+    for r in range(REFINE_ROUNDS):
         changed = False
+        measurer.spec.log(f"grid, pass {r + 1} of {REFINE_ROUNDS}: timing each group's own layers at its widths")
         for g, layers in owners.items():
             if not layers:
                 continue
@@ -270,6 +273,7 @@ def auto_grids(specs: list[LayerSpec], allowed: dict[str, list[int]], full: dict
                     cout = max(1, round(s.out_full * w / full[g]))
                     total += measurer.ms(s, 0 if s.depthwise else s.in_full, cout)
                 ms[w] = total
+            measurer.cache.save()  # an interrupted grid keeps what it timed
             finer = refine(grids[g], allowed[g], ms)
             changed |= finer != grids[g]
             grids[g] = finer

@@ -60,6 +60,11 @@ class Timer:
 
         return call
 
+    def release(self) -> None:
+        """Free what the backend cached for the modules timed so far (torch.compile's graphs: without it, a
+        table's hundreds of shapes would pass dynamo's recompile limit and run uncompiled)."""
+        backends.release(self.spec.bench_backend)
+
     def time_ms(self, call, flush: bool = False) -> float:
         """Median of ``table_iters`` timed calls after two warm-up calls, in ms; ``flush``: cold caches."""
         stats["points"] += 1
@@ -86,6 +91,7 @@ class Timer:
         with self.threads():
             timed = harness.interleave(calls, self.device, warmup=2, rounds=6, min_iters=18,
                                        min_seconds=self.spec.check_seconds)
+        self.release()
         fraction = {n: 1.0 / s if s else None for n, s in timed["speedup"].items()}
         return {"ms": {n: statistics.median(t) for n, t in timed["times"].items()},
                 "min_ms": {n: min(t) for n, t in timed["times"].items()}, "fraction": fraction,

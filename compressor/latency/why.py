@@ -54,9 +54,20 @@ def rows(lat: LatencyModel, widths: dict[str, int]) -> list[dict]:
     return out
 
 
+def run_settings(run_dir) -> dict:
+    """The run's own settings (metrics.json's config), or {} when it has no readable record."""
+    from ..rundir import RunDir
+
+    try:
+        return dict(RunDir(Path(run_dir)).record("").config or {})
+    except CompressorError:
+        return {}
+
+
 def explain(run_dir, spec: LatencySpec, device: torch.device | None = None, round_to: int = 8,
-            max_ratio: float = 0.95, trusted_factories=()) -> tuple[dict, list[Path]]:
-    """The report for a run directory (its dense.pt and pruned.pt), on ``spec``'s backend and batch."""
+            max_ratio: float = 0.95, trusted_factories=(), out=None) -> tuple[dict, list[Path]]:
+    """The report for a run directory (its dense.pt and pruned.pt), on ``spec``'s backend and batch, written
+    to ``out`` (default: the run directory)."""
     from .. import checkpoint, surgery
     from ..rundir import RunDir
 
@@ -79,7 +90,9 @@ def explain(run_dir, spec: LatencySpec, device: torch.device | None = None, roun
               "pruned_ms": measured["ms"]["pruned"], "measured_fraction": measured["fraction"]["pruned"],
               "predicted_fraction": lat.fraction(widths), "mac_fraction": cost["macs"],
               "model_error": lat.report.get("model_error"), "groups": table}
-    files = _write(report, Path(run_dir))
+    folder = Path(out) if out else Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = _write(report, folder)
     return report, files
 
 
