@@ -48,6 +48,8 @@ def main() -> int:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--device", help="for eager/compile (default: the GPU when there is one)")
     ap.add_argument("--budget-seconds", type=float, help="start no row after this long (default: no limit)")
+    ap.add_argument("--input-size", type=int, help="square input side (default: 28 for conv4, else 32); "
+                    "e.g. 224 with --models torchvision.models:resnet18")
     ap.add_argument("--validate", type=int, default=10, help="random width configurations the error is measured on")
     ap.add_argument("--cache", help="latency cache folder (default: a fresh temporary one: tables timed from scratch)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu-latency-tables"))
@@ -69,11 +71,14 @@ def main() -> int:
             result["first_command"] = old.get("first_command", old.get("command"))
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         shape = SHAPES.get(name, (3, 32, 32))
+        if args.input_size:
+            shape = (shape[0], args.input_size, args.input_size)
         torch.manual_seed(0)
         model = models.create(name, 10, shape[0]).eval()
         graph = surgery.trace(model, torch.randn(2, *shape))
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
-            if any((r["model"], r["batch"]) == (name, batch) for r in result["rows"]):
+            if any((r["model"], r["batch"], r.get("input", list(shape))) == (name, batch, list(shape))
+                   for r in result["rows"]):
                 print(f"{name} batch {batch}: measured earlier, kept", flush=True)
                 continue
             if args.budget_seconds is not None and time.perf_counter() - started > args.budget_seconds:
@@ -84,7 +89,8 @@ def main() -> int:
             lat = latency.LatencyModel(graph, spec, round_to=8, max_ratio=0.95, device=device)
             total = time.perf_counter() - t0
             err = lat.report["model_error"]
-            row = {"model": name, "batch": batch, "table_seconds": lat.table.seconds, "points": lat.table.points,
+            row = {"model": name, "batch": batch, "input": list(shape), "table_seconds": lat.table.seconds,
+                   "points": lat.table.points,
                    "grid_sizes": {g: len(w) for g, w in lat.grids.items()}, "fit_seconds": lat.report["fit_seconds"],
                    "total_seconds": total, "dense_ms": lat.dense_ms, "model_error": err,
                    "calibration_configs": lat.report["calibration_configs"]}
@@ -99,12 +105,13 @@ def main() -> int:
              *([f"First rows by: `{result['first_command']}`  "] if result.get("first_command") else []),
              f"Device: {result['device']}; CPU (int8 features): {result['cpu_features']}  ",
              f"Cache: {result['cache']}", "",
-             "| model | batch | table s | points timed / cached | fit s | total s | dense ms | error mean "
+             "| model | input | batch | table s | points timed / cached | fit s | total s | dense ms | error mean "
              "| error max |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         e = r["model_error"]["calibrated"]
-        lines.append(f"| {r['model']} | {r['batch']} | {r['table_seconds']:.0f} | {r['points']['measured']} / "
+        size = "x".join(map(str, r.get("input", [])[1:]))
+        lines.append(f"| {r['model']} | {size} | {r['batch']} | {r['table_seconds']:.0f} | {r['points']['measured']} / "
                      f"{r['points']['cached']} | {r['fit_seconds']:.0f} | {r['total_seconds']:.0f} | "
                      f"{r['dense_ms']:.3f} | {e['mean']:.1%} | {e['max']:.1%} |")
     write_text(Path(f"{args.out}.md"), "\n".join(lines) + "\n")
