@@ -403,3 +403,46 @@ def test_cli_analyze_latency(tmp_path, capsys):
     assert "takes a run directory" in capsys.readouterr().err
     assert main(["analyze", str(out), "--latency", "--latency-backend", "eager", "--latency-precision", "int8"]) == 2
     assert "int8 is measured on ort only" in capsys.readouterr().err
+
+
+def hand_table_model(graph, costly: str):
+    """A latency model of ``graph`` on a hand-made table: only ``costly``'s width costs time (linear)."""
+    layers = {}
+    for s in latency.layer_specs(graph):
+        ins = [1, s.in_full] if s.in_groups else [s.in_full]
+        outs = [1, s.out_full]
+        pay = s.out_groups == [costly]
+        layers[s.name] = {"in": ins, "out": outs, "ms": [[o / s.out_full if pay else 0.0 for o in outs] for _ in ins]}
+    lat = LatencyModel(graph, LatencySpec("ort-cpu", 1, step=4, verbose=False), round_to=4,
+                       table=LatencyTable({}, layers), measure=False)
+    lat.check = lambda widths: {"fraction": lat.fraction(widths), "ms": lat.predict_ms(widths), "dense_ms": 1.0}
+    return lat
+
+
+SMALL = {"population": 4, "generations": 1, "search_samples": 64, "group_size": 2, "step_epochs": 0, "steps": 1,
+         "ffr_epochs": 1, "levels": "0.5"}
+
+
+@pytest.mark.parametrize("method", ["l1", "random", "tp-l1", "tp-bn", "tp-l1-global", "tp-lamp", "tp-taylor",
+                                    "sensitivity", "psap", "ffr", "smoea"])
+def test_every_criterion_takes_a_latency_budget(method):
+    """Each criterion plans under a latency budget (its widths priced by the budget's latency model, here a
+    hand-made table on which only one group costs time), and the plan lands on the budget."""
+    from compressor import criteria
+    from compressor import data as datasets
+    from compressor.criteria import PlanRequest, make_plan
+
+    data = datasets.from_tensors("small", *datasets.synthetic(n_train=256, n_test=64), val_fraction=0.25)
+    torch.manual_seed(0)
+    model = models.create("conv4", 10, 3)
+    graph = surgery.trace(model, data.example_inputs())
+    lat = hand_table_model(graph, graph.groups[2].name)
+    request = PlanRequest(model, data.example_inputs(), Budget("latency", 0.6, latency=lat), data=data, round_to=4,
+                          graph=graph)
+    cls = criteria.config_class(method)
+    settings = SMALL | ({"step_epochs": 1} if method == "psap" else {})  # psap trains between its steps
+    config = cls(**{k: v for k, v in settings.items() if k in cls.__dataclass_fields__})
+    config.check_budget("latency")
+    plan = make_plan(method, request, config)
+    widths = graph.widths() | plan.widths()
+    assert abs(lat.fraction(widths) - 0.6) <= Budget("latency", 0.6).tolerance + 1e-9, (method, widths)
