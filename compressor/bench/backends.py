@@ -64,6 +64,7 @@ class Build:
     compile_mode: str = "default"
     checkpoint: Path | None = None  # the checkpoint the model came from
     threads: int | None = None  # ONNX Runtime intra-op threads (None: its default)
+    spinning: bool = True  # ONNX Runtime's pool threads spin after a run (off: they sleep; see latency.timing)
 
 
 def _precisions(backend: str) -> tuple[str, ...]:
@@ -128,7 +129,7 @@ def check_compile_mode(mode: str) -> str:
 
 def prepare(backend: str, model: nn.Module, example: torch.Tensor, device: torch.device, precision: str,
             workdir: Path, label: str, max_batch: int, compile_mode: str = "default",
-            checkpoint: Path | None = None, threads: int | None = None) -> Prepared:
+            checkpoint: Path | None = None, threads: int | None = None, spinning: bool = True) -> Prepared:
     """Build ``backend``'s runnable form of ``model`` (artifacts go to ``workdir``)."""
     entry = BACKENDS.get(backend)
     if not applies(backend, precision):
@@ -140,7 +141,7 @@ def prepare(backend: str, model: nn.Module, example: torch.Tensor, device: torch
         model.to(memory_format=torch.channels_last)
     workdir.mkdir(parents=True, exist_ok=True)
     return entry.target(model, Build(example, device, precision, dtype, workdir, label, max_batch, compile_mode,
-                                     checkpoint, threads))
+                                     checkpoint, threads, spinning))
 
 
 def release(backend: str) -> None:
@@ -197,7 +198,8 @@ def build_ort(model: nn.Module, b: Build) -> Prepared:
     else:
         path = onnx.export(model, b.workdir / f"{b.label}-{b.precision}.onnx", b.example,
                            fp16=b.precision == "fp16")
-    return Prepared(onnx.OnnxRuntimeModel(path, b.device.type, b.threads, quiet=True), torch.float32, False,
+    return Prepared(onnx.OnnxRuntimeModel(path, b.device.type, b.threads, quiet=True, spinning=b.spinning),
+                    torch.float32, False,
                     note="IOBinding on CUDA" if b.device.type == "cuda" else "CPU provider",
                     artifact=path, format="onnx")
 

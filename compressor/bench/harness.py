@@ -94,8 +94,13 @@ def _sync(device: torch.device) -> None:
 
 def interleave(calls: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 10, rounds: int = 10,
                min_iters: int = 30, min_seconds: float = 1.0, max_seconds: float | None = None,
-               max_rounds: int = 100_000, clock: Callable[[], float] = time.perf_counter) -> dict:
+               max_rounds: int = 100_000, clock: Callable[[], float] = time.perf_counter,
+               settle: int = 0) -> dict:
     """Time two (or more) calls in alternating rounds; the first one is the reference.
+
+    ``settle``: untimed calls at the start of each burst. With many ONNX Runtime sessions on a CPU
+    (the latency model's calibration times up to 44 at once), the previous session's pool threads
+    keep spinning a moment after its burst and share the cores with the next one's first calls.
 
     Each model's first call is timed alone (``first_call_ms``: where torch.compile compiles
     for this shape), then ``warmup`` calls each. Then rounds: in each, every model runs one
@@ -136,6 +141,8 @@ def interleave(calls: dict[str, Callable[[], object]], device: torch.device, *, 
             timed_out = True
             break
         for n in (names if r % 2 == 0 else names[::-1]):
+            for _ in range(settle):
+                calls[n]()
             if device.type == "cuda":
                 events = []
                 for _ in range(burst):

@@ -191,7 +191,7 @@ class OnnxRuntimeModel:
                              "tensor(double)": (np.float64, torch.float64)}
 
     def __init__(self, model: str | os.PathLike | bytes, device: str | torch.device = "cpu",
-                 threads: int | None = None, quiet: bool = False):
+                 threads: int | None = None, quiet: bool = False, spinning: bool = True):
         import onnxruntime as ort
 
         if not isinstance(model, bytes) and not Path(model).is_file():
@@ -205,6 +205,8 @@ class OnnxRuntimeModel:
             options.intra_op_num_threads = int(threads)
         if quiet:
             options.log_severity_level = 3
+        if not spinning:  # pool threads sleep after a run instead of spinning (many sessions share the cores)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = providers(device.type)  # one clear error when CUDA's provider is missing
         if device.type == "cuda":
             chosen = [("CUDAExecutionProvider", {"device_id": device.index}), "CPUExecutionProvider"]

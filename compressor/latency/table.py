@@ -37,7 +37,7 @@ from .timing import Timer
 MIN_POINTS = 4  # a group's grid has at least this many widths (where it has as many legal ones)
 COARSE = 6  # widths per group in an automatic grid's first pass (the full width included)
 REFINE_ROUNDS = 2  # an automatic grid's refinement rounds
-TABLE_VERSION = 2  # 2: points are medians timed through the bench's backends, cached per layer signature
+TABLE_VERSION = 3  # 2: medians through the bench's backends, cached per layer signature; 3: ORT without spinning
 
 
 def group_grid(group, full: int, step: int, round_to: int, max_ratio: float) -> list[int]:

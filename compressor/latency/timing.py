@@ -8,6 +8,11 @@ point is timed with cold caches (every call starts after reading a buffer twice 
 size), since inside such a model each layer finds its weights evicted by the others' (timed
 hot, VGG-16's layers summed to 5.4 ms against 9.1 ms for the whole model at batch 1 on one
 core; timed cold, 8.9 ms). The harness times calls back to back, so that loop is here.
+
+ONNX Runtime sessions are built with spinning off: the latency model's calibration holds up to
+44 sessions at once, and each one's pool threads, spinning after its run, took the cores from the
+next: VGG-16 at batch 1 measured 7.0 ms instead of 3.4 ms, and the same 20 pruned copies timed
+twice differed by 62% on average (3.5% with spinning off; 2 cores).
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ class Timer:
         label = f"m{self._built}"
         with _quiet_warnings():  # int8: a QDQ ONNX (bench.backends.quantize_int8), as `--export onnx-int8` deploys
             prepared = backends.prepare(name, module, example, self.device, self.spec.precision, self.workdir, label,
-                                        max_batch=self.spec.batch, threads=self.spec.threads)
+                                        max_batch=self.spec.batch, threads=self.spec.threads, spinning=False)
         for path in self.workdir.glob(f"{label}*"):  # loaded: the runtime holds it (a table has hundreds of points)
             if path.is_file() and not self.keep:
                 path.unlink()
@@ -90,7 +95,7 @@ class Timer:
         stats["models"] += 1
         with self.threads():
             timed = harness.interleave(calls, self.device, warmup=2, rounds=6, min_iters=18,
-                                       min_seconds=self.spec.check_seconds)
+                                       min_seconds=self.spec.check_seconds, settle=1)
         self.release()
         fraction = {n: 1.0 / s if s else None for n, s in timed["speedup"].items()}
         return {"ms": {n: statistics.median(t) for n, t in timed["times"].items()},
