@@ -44,6 +44,8 @@ class LatencyCost(Protocol):
 
     def solve(self, budget: "Budget", search, choices: dict[str, list[int]]) -> tuple[dict[str, int], dict]: ...
 
+    def measure(self, configs: dict) -> dict: ...  # whole models at these widths, timed against the dense one
+
 
 @dataclass(frozen=True)
 class Budget:

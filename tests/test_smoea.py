@@ -221,7 +221,7 @@ def test_cli_resume_of_a_finished_search_keeps_its_plan(tmp_path, capsys):
 
 
 
-def test_latency_objective_on_a_hand_made_table(small):
+def test_latency_objective_on_a_hand_made_table(small, tmp_path):
     """Under a latency budget the second objective is the latency model's prediction: on a table where only one
     group's width costs time, SMOEA cuts that group to the budget; the others cost nothing, so (unlike under a
     MAC budget of the same fraction) the budget does not make it cut them."""
@@ -237,11 +237,11 @@ def test_latency_objective_on_a_hand_made_table(small):
         outs = [1, s.out_full]
         cost = (lambda cout: cout / s.out_full) if s.out_groups == [costly] else (lambda cout: 0.0)
         layers[s.name] = {"in": ins, "out": outs, "ms": [[cost(o) for o in outs] for _ in ins]}
-    lat = LatencyModel(graph, LatencySpec("ort-cpu", 1, step=4, verbose=False), round_to=4,
-                       table=LatencyTable({}, layers), measure=False)
+    lat = LatencyModel(graph, LatencySpec("ort-cpu", 1, step=4, verbose=False, check_seconds=0.1, threads=1),
+                       round_to=4, table=LatencyTable({}, layers), measure=False)
     lat.check = lambda widths: {"fraction": lat.fraction(widths), "ms": lat.predict_ms(widths), "dense_ms": 1.0}
     request = PlanRequest(model, small.example_inputs(), Budget("latency", 0.5, latency=lat), data=small,
-                          round_to=4)
+                          round_to=4, out_dir=tmp_path)
     plan = _plan(request, group_size=1, generations=2, step_epochs=0)
     widths = plan.widths()
     full = graph.widths()
@@ -249,6 +249,9 @@ def test_latency_objective_on_a_hand_made_table(small):
     assert widths[costly] <= 0.55 * full[costly]
     free = [g for g in full if g != costly]
     assert request.report["smoea"]["settings"]["peer_seeds"] == ["tp-lamp", "tp-l1-global"]
+    for front in request.report["smoea"]["fronts"]:  # every front point and the chosen one, timed whole
+        assert all(p["measured"] > 0 for p in front["front"]) and front["chosen"]["measured"] > 0
+    assert (tmp_path / "smoea-fronts.png").read_bytes()[:4] == b"\x89PNG"
     torch.manual_seed(0)
     macs = _plan(PlanRequest(models.create("conv4", 10, 3), small.example_inputs(), Budget("macs", 0.5), data=small,
                              round_to=4), group_size=1, generations=2, step_epochs=0).widths()

@@ -385,12 +385,17 @@ def smoea(request: PlanRequest, config: SMOEAConfig) -> PruningPlan:
         masking.zero_masked(graph, masks)
         evaluations += evaluator.evaluations
         eval_seconds += evaluator.seconds
+        order = sorted(front, key=lambda i: result.objectives[i][1])
         points = [{"objective": result.objectives[i][0], "kept": result.objectives[i][1],
                    "widths": {n: int(m.sum()) for n, m in evaluator.masks(result.population[i]).items()}}
-                  for i in sorted(front, key=lambda i: result.objectives[i][1])]
+                  for i in order]
+        measured = _measure_front(budget, evaluator, [result.population[i] for i in order], genome)
+        for p, m in zip(points, measured.get("front", [])):
+            p["measured"] = m
         fronts.append({"block": block, "objective": objective, "front": points,
                        "chosen": {"accuracy": accuracy, "loss": loss, "kept": evaluator.kept(genome),
-                                  "widths": {n: int(m.sum()) for n, m in evaluator.masks(genome).items()}},
+                                  "widths": {n: int(m.sum()) for n, m in evaluator.masks(genome).items()},
+                                  **({"measured": measured["chosen"]} if measured else {})},
                        "history": result.history, "evaluations": result.evaluations,  # with any before a resume
                        "seconds": time.perf_counter() - started,
                        "candidates_per_second": evaluator.evaluations / max(evaluator.seconds, 1e-9)})
@@ -419,6 +424,17 @@ def smoea(request: PlanRequest, config: SMOEAConfig) -> PruningPlan:
     return masking.to_plan(masks)
 
 
+def _measure_front(budget, evaluator: BlockEvaluator, genomes: list[torch.Tensor], chosen: torch.Tensor) -> dict:
+    """Under a latency budget, each front point and the chosen one timed whole on the backend (the model with
+    earlier blocks as chosen and later ones at the reference widths), interleaved with the dense model:
+    ``{"front": [fraction of dense, ...], "chosen": fraction}``; ``{}`` for other budgets."""
+    if budget.metric != "latency" or budget.latency is None:
+        return {}
+    configs = {f"p{k}": evaluator.widths(g) for k, g in enumerate(genomes)} | {"chosen": evaluator.widths(chosen)}
+    fractions = budget.latency.measure(configs)["fraction"]
+    return {"front": [fractions[f"p{k}"] for k in range(len(genomes))], "chosen": fractions["chosen"]}
+
+
 def write_fronts(fronts: list[dict], out: Path) -> None:
     """smoea-fronts.json, and smoea-fronts.png: the final front of each block, chosen points marked."""
     import matplotlib
@@ -428,12 +444,18 @@ def write_fronts(fronts: list[dict], out: Path) -> None:
 
     write_json(out / "smoea-fronts.json", fronts)
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    timed = any("measured" in p for f in fronts for p in f["front"])
     for f in fronts:
         pts = [(p["kept"], -p["objective"]) for p in f["front"]]  # accuracy, or -loss
         line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=", ".join(f["block"]))
         chosen = f["chosen"]["accuracy"] if f["objective"] == "accuracy" else -f["chosen"]["loss"]
         ax.plot([f["chosen"]["kept"]], [chosen], marker="*", ms=12, color=line.get_color())
-    ax.set(xlabel="kept fraction of the whole model (later blocks at the reference widths)",
+        if timed:  # the same points as measured on the backend
+            ax.plot([p.get("measured") for p in f["front"]], [p[1] for p in pts], marker="x", ls="none",
+                    color=line.get_color())
+    what = ("fraction of dense latency: predicted (dot, star), measured (x)" if timed
+            else "kept fraction of the whole model (later blocks at the reference widths)")
+    ax.set(xlabel=what,
            ylabel="validation accuracy (or -loss)", title="SMOEA: final front per block (star: chosen)")
     ax.legend(fontsize=7)
     fig.tight_layout()
