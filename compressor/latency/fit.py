@@ -4,9 +4,12 @@
 miss how the whole graph runs (fusions, caches, threads), so each layer's table change gets a
 weight. ``alpha`` is one shared weight (least squares through the dense point); the per-layer
 weights are ``alpha`` plus a ridge regression of what ``alpha`` leaves unexplained, so the ridge
-shrinks them towards ``alpha``, not towards 0. scikit-learn's ``RidgeCV`` picks the strength by
-its efficient leave-one-out error, over a scale-aware grid that ends in a strength so large it
-is ``alpha`` for every layer ("inf").
+shrinks them towards ``alpha``, not towards 0. The strength is chosen by leave-one-out error
+(scikit-learn's ``Ridge`` refitted without each measurement, the weights clipped as they are
+used) over a scale-aware grid that ends in a strength so large it is ``alpha`` for every layer
+("inf"). Not ``RidgeCV``'s closed-form leave-one-out: it cannot see the clipping, and with more
+layers than measurements (mobilenet_v2: 52 layers, 40 measurements) it chose a near-zero
+strength whose clipped weights missed random widths by 56% where the shared weight missed by 9%.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ def fit_layer_weights(xs: list[list[float]], ys: list[float]) -> dict:
     """``{"alpha", "weights" (one per column of xs), "ridge" (the strength chosen, relative to the
     features' scale, or "inf"), "loo" (mean absolute leave-one-out error per strength, in y's unit)}``.
     Weights stay in [0, 5 alpha]."""
-    from sklearn.linear_model import RidgeCV
+    from sklearn.linear_model import Ridge
 
     X, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
     n = X.shape[1] if X.ndim == 2 else 0
@@ -37,9 +40,18 @@ def fit_layer_weights(xs: list[list[float]], ys: list[float]) -> dict:
     scale = float(np.trace(X.T @ X)) / n or 1.0
     labels = [f"{c:g}" for c in STRENGTHS] + ["inf"]
     strengths = [c * scale for c in STRENGTHS] + [INF * scale]
-    ridge = RidgeCV(alphas=strengths, fit_intercept=False, store_cv_results=True).fit(X, residual)
-    errors = np.sqrt(np.asarray(ridge.cv_results_).reshape(len(y), len(strengths)))  # leave-one-out |error|
-    loo = {label: float(errors[:, k].mean()) for k, label in enumerate(labels)}
-    chosen = labels[strengths.index(float(ridge.alpha_))]
-    weights = np.clip(alpha + ridge.coef_, 0.0, 5.0 * alpha)
+
+    def weights_for(strength, rows):
+        coef = Ridge(alpha=strength, fit_intercept=False).fit(X[rows], residual[rows]).coef_
+        return np.clip(alpha + coef, 0.0, 5.0 * alpha)
+
+    loo = {}
+    for label, strength in zip(labels, strengths):
+        errors = []
+        for i in range(len(y)):
+            rows = np.arange(len(y)) != i
+            errors.append(abs(float(X[i] @ weights_for(strength, rows)) - y[i]))
+        loo[label] = float(np.mean(errors))
+    chosen = min(labels, key=lambda label: (loo[label], -labels.index(label)))  # ties: the stronger
+    weights = weights_for(strengths[labels.index(chosen)], np.ones(len(y), dtype=bool))
     return {"alpha": alpha, "weights": [float(v) for v in weights], "ridge": chosen, "loo": loo}
