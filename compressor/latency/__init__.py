@@ -5,7 +5,7 @@ the network's latency built on it. One concern a module:
 - :mod:`.layers`: the prunable layers as the table sees them, and the single-layer modules timed;
 - :mod:`.timing`: modules to callables through the bench's backends, timed by the bench's harness;
 - :mod:`.table`: the grid, the table and its cache;
-- :mod:`.fit`: the layer weights (scikit-learn's ``RidgeCV``);
+- :mod:`.fit`: the layer weights (scikit-learn's ``Ridge``, strength by leave-one-out);
 - :mod:`.model`: :class:`LatencyModel`, the prediction and the whole-model checks;
 - :mod:`.solve`: widths measured whole, the target corrected by the miss;
 - :mod:`.run`: the pipeline's side (spec from the command line, the Budget, the report).
