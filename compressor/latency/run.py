@@ -33,17 +33,10 @@ def budget_from(metric: str, value: float, backend: str = "ort-cpu", batch: int 
         number("--budget-ms", value, low=0, low_open=True)
     spec = LatencySpec(backend, batch, precision, cache_dir=cache, step=step,
                        target_ms=value if metric == "latency_ms" else None)
-    resolve_device(spec, None if device in (None, "auto") else _device(device))  # where the run will be
+    from ..train import pick_device
+
+    resolve_device(spec, pick_device(device or "auto"))  # on the device the run will use
     return replace(spec, fraction=value) if metric == "latency" else spec
-
-
-def _device(text: str) -> torch.device:
-    from ..errors import CompressorError
-
-    try:
-        return torch.device(text)
-    except RuntimeError:
-        raise CompressorError(f"--device {text!r} is not a device (cpu, cuda, cuda:N)") from None
 
 
 def check_config(config) -> None:
