@@ -381,6 +381,27 @@ def test_why_report_names_slow_steps_and_writes_its_files(tmp_path):
     assert len(report["groups"]) == len(graph_widths(out)) and "| group |" in (out / "latency-why.md").read_text()
 
 
+def test_why_rows_add_up_to_the_predicted_saving_and_the_measured_one_within_the_model_error(tmp_path):
+    """b's time grows with its input (a's width) and its output, so pruning both saves less than the two alone;
+    the report's interaction term closes the sum exactly, and a backend 10% off the table is 10% off."""
+    from compressor.latency import why
+
+    graph, lat = hand_model(tmp_path, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0}, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0})
+    grid = [4, 8, 12, 16]
+    lat.table.layers["b"]["ms"] = [[(w_in / 16) * 4.0 * (w_out / 16) for w_out in grid] for w_in in grid]
+    widths = {"a": 8, "b": 8}
+    predicted = lat.fraction(widths)
+    measured = min(1.0, 1.1 * predicted)  # the backend runs the plan 10% slower than the model predicts
+    report = why.account(lat, widths, measured)
+    s = report["saved"]
+    alone = sum(r["share_of_time_saved"] for r in report["groups"])
+    assert s["groups_alone"] == pytest.approx(alone) and s["interaction"] < 0  # neighbours' savings overlap
+    assert alone + s["interaction"] == pytest.approx(s["predicted"]) == pytest.approx(1 - predicted)
+    assert s["measured"] == pytest.approx(1 - measured)
+    assert abs(s["measured"] - s["predicted"]) == pytest.approx(0.1 * predicted)  # exactly the backend's error
+    assert report["predicted_fraction"] == pytest.approx(predicted)
+
+
 def graph_widths(run_dir):
     from compressor import checkpoint
     from compressor.rundir import RunDir

@@ -6,6 +6,11 @@ on the backend, and whether the kept width sits on a slow step of the measured t
 width) by the latency model, so the rows say where the time went; the whole pruned model is
 also timed, interleaved with the dense one, beside the model's prediction for it.
 
+The rows add up: the groups' savings priced alone, plus the *interaction* between groups (a layer's
+time depends on both its input and its output widths, so pruning two neighbours saves less than
+the two alone), make the predicted saving of the whole plan exactly; the measured saving differs
+from it by the latency model's error, which the report gives beside it.
+
 A kept width is on a *slow step* when a wider width of its grid is predicted no slower (the
 backend runs this width badly: keep more channels for free), or when the next narrower grid
 width saves more than twice the milliseconds per channel of the group's average (a kernel step
@@ -54,6 +59,17 @@ def rows(lat: LatencyModel, widths: dict[str, int]) -> list[dict]:
     return out
 
 
+def account(lat: LatencyModel, widths: dict[str, int], measured_fraction: float) -> dict:
+    """The rows, and how they add up to the plan's saving (shares of the dense latency): the groups alone, their
+    interaction, the predicted saving (their sum, exactly) and the measured one (off by the model's error)."""
+    table = rows(lat, widths)
+    predicted = lat.fraction(widths)
+    alone = sum(r["share_of_time_saved"] or 0.0 for r in table)
+    return {"groups": table, "predicted_fraction": predicted, "measured_fraction": measured_fraction,
+            "saved": {"groups_alone": alone, "interaction": (1.0 - predicted) - alone, "predicted": 1.0 - predicted,
+                      "measured": 1.0 - measured_fraction, "measured_minus_predicted": predicted - measured_fraction}}
+
+
 def run_settings(run_dir) -> dict:
     """The run's own settings (metrics.json's config), or {} when it has no readable record."""
     from ..rundir import RunDir
@@ -82,14 +98,12 @@ def explain(run_dir, spec: LatencySpec, device: torch.device | None = None, roun
     widths = lat.widths_of(pruned)
     if widths is None:
         raise CompressorError(f"{run.pruned} does not have {run.dense}'s groups: not a pruned copy of it")
-    table = rows(lat, widths)
     measured = lat.measure({"pruned": pruned.cpu().eval()})
     cost = surgery.count(pruned, dspec.example_inputs()).fraction_of(surgery.count(dense, dspec.example_inputs()))
     report = {"run": str(run_dir), "backend": spec.backend, "batch": spec.batch, "precision": spec.precision,
               "device": lat.report["device"], "dense_ms": measured["ms"]["dense"],
-              "pruned_ms": measured["ms"]["pruned"], "measured_fraction": measured["fraction"]["pruned"],
-              "predicted_fraction": lat.fraction(widths), "mac_fraction": cost["macs"],
-              "model_error": lat.report.get("model_error"), "groups": table}
+              "pruned_ms": measured["ms"]["pruned"], "mac_fraction": cost["macs"],
+              "model_error": lat.report.get("model_error"), **account(lat, widths, measured["fraction"]["pruned"])}
     folder = Path(out) if out else Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     files = _write(report, folder)
@@ -107,6 +121,13 @@ def _write(report: dict, folder: Path) -> list[Path]:
     for r in report["groups"]:
         lines.append(f"| {r['group']} | {r['dense']} -> {r['kept']} | {r['macs_removed']:.1%} | {r['ms_saved']:.4f} | "
                      f"{(r['share_of_time_saved'] or 0):.1%} | {r['slow_step'] or ''} |")
+    s, error = report["saved"], (report.get("model_error") or {}).get("per_layer") or {}
+    lines += ["", f"How it adds up (shares of the dense latency): the groups alone save {s['groups_alone']:.1%}; "
+              f"their interaction (a layer's time depends on its input and output widths) {s['interaction']:+.1%}; "
+              f"predicted saving {s['predicted']:.1%}; measured {s['measured']:.1%} "
+              f"({s['measured_minus_predicted']:+.1%} off the prediction"
+              + (f"; the model's relative error on random widths: mean {error['mean']:.1%}, max {error['max']:.1%})."
+                 if error.get("mean") is not None else ").")]
     paths = [folder / "latency-why.json", folder / "latency-why.md"]
     write_json(paths[0], report)
     write_text(paths[1], "\n".join(lines) + "\n")
