@@ -258,3 +258,23 @@ def test_latency_objective_on_a_hand_made_table(small, tmp_path):
     macs = _plan(PlanRequest(models.create("conv4", 10, 3), small.example_inputs(), Budget("macs", 0.5), data=small,
                              round_to=4), group_size=1, generations=2, step_epochs=0).widths()
     assert sum(widths[g] for g in free) > sum(macs[g] for g in free), (widths, macs)
+
+
+def test_random_rounding_keeps_one_bit_mutations_alive_on_a_coarse_grid():
+    """Under a latency budget a group may keep only its grid widths (here 8 or 16 of 16): a mask of 9 rounds up
+    about one time in eight, not never as to the nearest width, and the same mask always rounds the same way."""
+    from compressor.criteria.smoea import _legalise
+    from compressor.surgery import Group
+
+    group = Group("g", 16, torch.nn.Identity(), forbidden=set(range(1, 16)) - {8})
+    score = torch.arange(16.0)
+    g = torch.Generator().manual_seed(0)
+    ups = 0
+    for _ in range(800):
+        part = torch.zeros(16, dtype=torch.bool)
+        part[torch.randperm(16, generator=g)[:9]] = True
+        out = _legalise(group, part, score, "random")
+        assert int(out.sum()) in (8, 16) and torch.equal(out, _legalise(group, part.clone(), score, "random"))
+        ups += int(out.sum()) == 16
+        assert int(_legalise(group, part, score, "nearest").sum()) == 8
+    assert 60 <= ups <= 140  # 1/8 of 800 is 100

@@ -44,13 +44,16 @@ ends. Under a latency budget the search keeps each group on the latency model's 
 measured grid, less any width a wider one runs no slower): a width between the grid's points
 is only interpolated, and the backend may run it far slower (on ONNX Runtime's CPU provider,
 Conv-4 plans with 33 and 34 channels measured 0.61 of the dense latency where the model said
-0.50; on the grid, 0.51). After the last block the whole model must keep the budget within its tolerance,
+0.50; on the grid, 0.46-0.48). A mutated group's count rounds to the grid width below or above at
+random, with the chance that keeps its count on average, so one-bit mutations still move widths.
+After the last block the whole model must keep the budget within its tolerance,
 or the run stops with a budget error. ``--max-ratio`` bounds only the reference
 allocation; the search itself may prune a group further. Fronts go to
 ``smoea-fronts.json`` and ``smoea-fronts.png``.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -180,8 +183,11 @@ def _seed_population(scores: list[torch.Tensor], size: int, lowest: float, group
 
 def _legalise(group, part: torch.Tensor, score: torch.Tensor, rounding: str = "nearest") -> torch.Tensor:
     """``part`` as a keep set its group allows (grouped convs, ``Group.check``): the legal width nearest
-    to its count (or the next one ``down`` / ``up``), chosen by the group, kept channels first, then by
-    L1. Bit flips know nothing of grouped convs; this is where a genome becomes a legal plan (our choice)."""
+    to its count (or the next one ``down`` / ``up``; ``random``: the one below or above with the chance that
+    keeps the count on average, drawn from a hash of the bits, so the same genome always gets the same width),
+    chosen by the group, kept channels first, then by L1. Bit flips know nothing of grouped convs; this is
+    where a genome becomes a legal plan (our choice). Under a latency budget the legal widths are a grid
+    some channels apart, and rounding to the nearest would undo nearly every one-bit mutation."""
     check = getattr(group, "check", None)
     keep = torch.nonzero(part).flatten().tolist()
     if check is None or check(keep) is None:
@@ -191,6 +197,12 @@ def _legalise(group, part: torch.Tensor, score: torch.Tensor, rounding: str = "n
         width = max([w for w in legal if w <= n] or legal[:1])
     elif rounding == "up":
         width = min([w for w in legal if w >= n] or legal[-1:])
+    elif rounding == "random":
+        below = max([w for w in legal if w <= n] or legal[:1])
+        above = min([w for w in legal if w >= n] or legal[-1:])
+        digest = hashlib.blake2b(part.numpy().tobytes(), digest_size=8).digest()
+        draw = int.from_bytes(digest, "big") / 2 ** 64
+        width = above if above != below and draw < (n - below) / (above - below) else below
     else:
         width = min(legal, key=lambda w: (abs(w - n), w))
     s = score.float()
@@ -380,7 +392,8 @@ def smoea(request: PlanRequest, config: SMOEAConfig) -> PruningPlan:
         l1 = filter_l1(graph, [graph.group(g) for g in block])
         scores = torch.cat([l1[g] for g in block])
         groups = search_groups(graph, block, budget)
-        repair = _repair_factory(evaluator.sizes, [l1[g] for g in block], groups)
+        repair = _repair_factory(evaluator.sizes, [l1[g] for g in block], groups,
+                                 "random" if budget.metric == "latency" else "nearest")
         lowest = min(reference[g] / graph.group(g).width for g in block)
         g = torch.Generator().manual_seed(request.seed * 1000 + b)
         state = nsga.SearchState.from_dict(saved["search"]) if saved["search"] is not None else None
