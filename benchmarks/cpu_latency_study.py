@@ -460,7 +460,12 @@ def main(argv=None) -> int:
     p.add_argument("--cache", help="latency table cache (default: compressor's)")
     p.add_argument("--measure-seconds", type=float, default=60.0, help="timing of each interleaved run")
     a = p.parse_args(argv)
-    a.targets = [float(t) for t in a.targets.split(",") if t.strip()]
+    try:
+        a.targets = [float(t) for t in a.targets.split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--targets takes fractions of the dense latency, e.g. 0.5,0.3; not {a.targets!r}")
+    if not a.targets or any(not 0 < t < 1 for t in a.targets):
+        p.error(f"--targets takes fractions of the dense latency in (0, 1), e.g. 0.5,0.3; not {a.targets}")
     stages = [s.strip() for s in a.stages.split(",") if s.strip()]
     if set(stages) - set(STAGES):
         p.error(f"--stages takes {', '.join(STAGES)}")
