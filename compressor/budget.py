@@ -27,6 +27,7 @@ from .surgery import PRUNABLE_TYPES, Cost, Graph, count, pruned_copy
 
 METRICS = ("macs", "params", "latency")
 LATENCY_TOLERANCE = 0.10  # a latency budget's plan must measure within 10% of its target (relative)
+CONTEXT_ROUNDS = 3  # a latency solve drops slow widths beside its plan, and solves again, at most this often
 
 
 class LatencyCost(Protocol):
@@ -40,7 +41,9 @@ class LatencyCost(Protocol):
 
     def fraction(self, widths: dict[str, int]) -> float: ...
 
-    def choices(self, allowed: dict[str, list[int]]) -> dict[str, list[int]]: ...
+    def on_grid(self, allowed: dict[str, list[int]]) -> dict[str, list[int]]: ...  # the widths it measured
+
+    def choices(self, allowed: dict[str, list[int]], context: dict[str, int] | None = None) -> dict[str, list[int]]: ...
 
     def solve(self, budget: "Budget", search, choices: dict[str, list[int]]) -> tuple[dict[str, int], dict]: ...
 
@@ -226,18 +229,11 @@ def solve_widths(
     ratios = {g: 1.0 for g in full} if ratios is None else {g: max(0.0, float(ratios.get(g, 0.0))) for g in full}
     choices = allowed_choices(graph, round_to, max_ratio, floors)
     lat = latency_cost(budget, graph)
-    if lat is not None:  # measured widths only, less those no faster than a wider one
-        choices = lat.choices(choices)
+    if lat is not None:  # the widths the latency table measured (the slow ones are dropped in search)
+        choices = lat.on_grid(choices)
 
     def frac(widths):
         return lat.fraction(widths) if lat is not None else model_cost.fractions(widths)[budget.metric]
-
-    def nearest(g, ratio):
-        target = full[g] * (1.0 - min(ratio, max_ratio))
-        return min(choices[g], key=lambda w: (abs(w - target), -w))
-
-    def at_scale(s):
-        return {g: nearest(g, s * ratios[g]) for g in full}
 
     def ideal(s):
         return {g: full[g] * (1.0 - min(s * ratios[g], max_ratio)) for g in full}
@@ -252,7 +248,12 @@ def solve_widths(
     positive = [r for r in ratios.values() if r > 0] or [1.0]
     s_max = max_ratio / min(positive)
 
-    def search(target):
+    def scaled(target, picks):
+        """The criterion's ratios scaled (bisection) until the cost meets ``target``, on the widths ``picks``."""
+        def at_scale(s):
+            aim = ideal(s)
+            return {g: min(picks[g], key=lambda w: (abs(w - aim[g]), -w)) for g in full}
+
         lo, hi = 0.0, s_max  # frac(at_scale(s)) falls as s grows
         for _ in range(50):
             mid = (lo + hi) / 2
@@ -261,7 +262,20 @@ def solve_widths(
             else:
                 hi = mid
         s = min((lo, hi), key=lambda v: abs(frac(at_scale(v)) - target))
-        return _nudge(at_scale(s), choices, frac, target, budget.tolerance / 4, ideal(s))
+        return _nudge(at_scale(s), picks, frac, target, budget.tolerance / 4, ideal(s))
+
+    def search(target):
+        if lat is None:
+            return scaled(target, choices)
+        # widths the backend runs no faster than a wider one are dropped, judged beside the plan being solved
+        # (a layer's time depends on its neighbours' widths): solve, drop, solve again until the plan holds
+        widths = scaled(target, choices)
+        for _ in range(CONTEXT_ROUNDS):
+            again = scaled(target, lat.choices(choices, context=widths))
+            if again == widths:
+                break
+            widths = again
+        return widths
 
     if lat is not None:  # measured whole on the backend, the target corrected by the miss
         widths, report = lat.solve(budget, search, choices)

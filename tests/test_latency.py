@@ -11,7 +11,7 @@ import torch.nn as nn
 from compressor import latency, models, surgery
 from compressor.budget import Budget, CostModel, solve_widths
 from compressor.errors import BudgetError, CompressorError
-from compressor.latency import LatencyModel, LatencySpec, LatencyTable
+from compressor.latency import LatencyModel, LatencySpec, LatencyTable, why
 from compressor.models.vgg import VGG
 
 FAST = dict(threads=1, table_iters=3, check_seconds=0.3, validate=2, calibrate=1)
@@ -176,6 +176,30 @@ def test_solver_known_optimum_avoids_slow_widths(tmp_path):
     assert CostModel(graph, lat).fractions(widths)["latency"] == pytest.approx(lat.fraction(widths)) == 3 / 8
     with pytest.raises(BudgetError, match="reaches"):
         solve_widths(graph, Budget("latency", 0.1, latency=lat), None, round_to=4, max_ratio=0.95)
+
+
+def test_slow_widths_are_judged_beside_the_plan_not_beside_dense_neighbours(tmp_path):
+    """A layer's time depends on its neighbours' widths. Here b runs at one speed whatever its input while its own
+    width is full, and in proportion to both once it is cut; a's own conv costs the same at every width. Beside
+    dense neighbours every narrower a is no faster, yet beside a cut b it is: judged at dense (as before), the
+    solver kept a whole and cut b to 4 of 16; judged beside the plan, uniform ratios cut both alike."""
+    graph = surgery.trace(TwoConv().eval(), torch.randn(1, 3, 8, 8))
+    grid = [4, 8, 12, 16]
+    layers = {"a": {"in": [3], "out": grid, "ms": [[1.0 for _ in grid]]},
+              "b": {"in": grid, "out": grid, "ms": [[4.0 if o == 16 else i * o / 64 for o in grid] for i in grid]},
+              "head": {"in": grid, "out": [2], "ms": [[0.0] for _ in grid]}}
+    spec = LatencySpec("ort-cpu", 1, cache_dir=str(tmp_path), step=4, **FAST)
+    lat = LatencyModel(graph, spec, round_to=4, table=LatencyTable({}, layers), measure=False)
+    lat.check = lambda widths: {"fraction": lat.fraction(widths), "ms": lat.predict_ms(widths),
+                                "dense_ms": lat.predict_ms(lat.full)}
+    allowed = {"a": grid, "b": grid}
+    assert lat.choices(allowed)["a"] == [16]  # beside a dense b, no narrower a is faster
+    assert lat.choices(allowed, context={"b": 8})["a"] == grid  # beside a cut b, each is
+    sol = solve_widths(graph, Budget("latency", 0.4, latency=lat), None, round_to=4, max_ratio=0.95)
+    assert sol.widths == {"a": 8, "b": 8} and sol.fraction == pytest.approx(0.4)  # 1 + 8 * 8 / 64 of 5 ms
+    rows = why.rows(lat, sol.widths)
+    assert all(r["slow_step"] is None for r in rows), rows  # and the report judges it beside the plan too
+    assert why.rows(lat, {"a": 8, "b": 16})[0]["slow_step"].startswith("width 16 is predicted no slower")
 
 
 def test_each_budget_carries_its_own_model(tmp_path):

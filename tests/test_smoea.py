@@ -247,7 +247,7 @@ def test_latency_objective_on_a_hand_made_table(small, tmp_path):
     full = graph.widths()
     assert abs(lat.fraction({**full, **widths}) - 0.5) <= 0.05
     assert widths[costly] <= 0.55 * full[costly]
-    fast = lat.choices({g: graph.group(g).legal_widths() for g in full})
+    fast = lat.on_grid({g: graph.group(g).legal_widths() for g in full})
     assert all(widths[g] in fast[g] for g in widths), (widths, fast)  # only widths the table measured
     free = [g for g in full if g != costly]
     assert request.report["smoea"]["settings"]["peer_seeds"] == ["tp-lamp", "tp-l1-global"]

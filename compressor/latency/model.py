@@ -171,14 +171,21 @@ class LatencyModel:
                           f"{errors['sum_plus_constant']['mean']:.1%})")
 
     # --- the solver's pieces (compressor.budget.LatencyCost)
-    def choices(self, allowed: dict[str, list[int]]) -> dict[str, list[int]]:
-        """Each group's widths on the measured grid, less those no faster than a wider one."""
+    def on_grid(self, allowed: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Each group's allowed widths the table measured (others it only interpolates)."""
+        return {g: [w for w in widths if w in self.grids.get(g, ())] or list(widths) for g, widths in allowed.items()}
+
+    def choices(self, allowed: dict[str, list[int]], context: dict[str, int] | None = None) -> dict[str, list[int]]:
+        """Each group's widths on the measured grid, less those no faster than a wider one, the other groups at
+        ``context`` (default: dense). The context matters: a layer's time depends on its neighbours' widths, so
+        on ResNet-20 a narrow first-stage conv is no faster beside dense neighbours but saves time beside pruned
+        ones; judged at dense only, the solver kept those convs whole and cut the residual streams instead."""
+        context = {**self.full, **(context or {})}
         out = {}
-        for g, widths in allowed.items():
-            on_grid = [w for w in widths if w in self.grids.get(g, ())] or list(widths)
+        for g, widths in self.on_grid(allowed).items():
             kept, best = [], math.inf
-            for w in sorted(on_grid, reverse=True):
-                ms = self.predict_ms({**self.full, g: w})
+            for w in sorted(widths, reverse=True):
+                ms = self.predict_ms({**context, g: w})
                 if ms < best or w == self.full[g]:
                     kept.append(w)
                     best = min(best, ms)

@@ -11,10 +11,11 @@ time depends on both its input and its output widths, so pruning two neighbours 
 the two alone), make the predicted saving of the whole plan exactly; the measured saving differs
 from it by the latency model's error, which the report gives beside it.
 
-A kept width is on a *slow step* when a wider width of its grid is predicted no slower (the
-backend runs this width badly: keep more channels for free), or when the next narrower grid
-width saves more than twice the milliseconds per channel of the group's average (a kernel step
-just below: a few channels more would buy a large saving).
+A kept width is on a *slow step* when, the other groups as the plan has them, a wider width of
+its grid is predicted no slower (the backend runs this width badly: keep more channels for
+free), or the next narrower grid width saves more than twice the milliseconds per channel of
+the group's average (a kernel step just below: a few channels more would buy a large saving).
+It is judged beside the plan, not alone: a layer's time depends on its neighbours' widths.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ def rows(lat: LatencyModel, widths: dict[str, int]) -> list[dict]:
         macs_removed = 1.0 - cost.fractions(alone)["macs"]
         saved = dense_ms - lat.predict_ms(alone)
         grid = sorted(lat.grids[g])
-        ms_at = {v: lat.predict_ms({**full, g: v}) for v in grid}
-        ms_w = lat.predict_ms(alone)
+        ms_at = {v: lat.predict_ms({**widths, g: v}) for v in grid}  # beside the plan's other groups
+        ms_w = lat.predict_ms(widths)
         wider = [v for v in grid if v > w and ms_at[v] <= ms_w + 1e-12]
         narrower = [v for v in grid if v < w]
         per_channel = (ms_at[grid[-1]] - ms_at[grid[0]]) / max(1, grid[-1] - grid[0])
