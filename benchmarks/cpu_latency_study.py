@@ -325,10 +325,10 @@ def markdown(r: dict) -> str:
              "dense); int8 = the QDQ model `--export onnx-int8` deploys",
              "- MAC budget at target t: the MAC fraction whose uniform (l1) plan measures t of the dense fp32 "
              "latency: " + ", ".join(f"t={t}: macs:{v['mac_budget']:g} (measured {v['measured']:.3f})"
-                                     for t, v in c["targets"].items()),
+                                     for t, v in c["targets"].items() if float(t) in r["targets"]),
              "- int8 latency cells at target t: the int8 latency of that uniform MAC plan, as a fraction of the dense "
-             "int8 model's (measured in one interleaved run): " + ", ".join(
-                 f"t={t}: latency:{v['int8_target']:g}" for t, v in c["targets"].items()),
+             "int8 model's (timed interleaved with it): " + ", ".join(
+                 f"t={t}: latency:{v['int8_target']:g}" for t, v in c["targets"].items() if float(t) in r["targets"]),
              f"- criterion settings: `{r['criterion_args'] or 'defaults'}`",
              "- Δ: paired by seed, mean [95% CI from the t distribution]; better/worse only where the interval "
              "excludes 0", "",

@@ -27,7 +27,6 @@ from .surgery import PRUNABLE_TYPES, Cost, Graph, count, pruned_copy
 
 METRICS = ("macs", "params", "latency")
 LATENCY_TOLERANCE = 0.10  # a latency budget's plan must measure within 10% of its target (relative)
-CONTEXT_ROUNDS = 3  # a latency solve drops slow widths beside its plan, and solves again, at most this often
 
 
 class LatencyCost(Protocol):
@@ -229,7 +228,7 @@ def solve_widths(
     ratios = {g: 1.0 for g in full} if ratios is None else {g: max(0.0, float(ratios.get(g, 0.0))) for g in full}
     choices = allowed_choices(graph, round_to, max_ratio, floors)
     lat = latency_cost(budget, graph)
-    if lat is not None:  # the widths the latency table measured (the slow ones are dropped in search)
+    if lat is not None:  # the widths the latency table measured (the slow ones are dropped by holding())
         choices = lat.on_grid(choices)
 
     def frac(widths):
@@ -238,8 +237,19 @@ def solve_widths(
     def ideal(s):
         return {g: full[g] * (1.0 - min(s * ratios[g], max_ratio)) for g in full}
 
-    smallest = {g: min(c) for g, c in choices.items()}
-    reachable = frac(smallest)
+    def holding(plan_of):
+        """``plan_of(picks)``, solved again without the widths that run no faster than a wider one beside the
+        plan found (a layer's time depends on its neighbours' widths), until the plan keeps none of them; the
+        dropped widths stay dropped, so this ends. Without a latency model: ``plan_of(choices)``."""
+        picks = choices
+        while True:
+            widths = plan_of(picks)
+            fast = lat.choices(picks, context=widths) if lat is not None else picks
+            if all(widths[g] in fast[g] for g in full):
+                return widths
+            picks = fast
+
+    reachable = frac(holding(lambda picks: {g: min(c) for g, c in picks.items()}))
     if budget.fraction < reachable - budget.tolerance:
         raise BudgetError(
             f"cannot keep only {budget}: with round_to={round_to} and at most {max_ratio:.0%} of any group "
@@ -265,17 +275,7 @@ def solve_widths(
         return _nudge(at_scale(s), picks, frac, target, budget.tolerance / 4, ideal(s))
 
     def search(target):
-        if lat is None:
-            return scaled(target, choices)
-        # widths the backend runs no faster than a wider one are dropped, judged beside the plan being solved
-        # (a layer's time depends on its neighbours' widths): solve, drop, solve again until the plan holds
-        widths = scaled(target, choices)
-        for _ in range(CONTEXT_ROUNDS):
-            again = scaled(target, lat.choices(choices, context=widths))
-            if again == widths:
-                break
-            widths = again
-        return widths
+        return holding(lambda picks: scaled(target, picks))
 
     if lat is not None:  # measured whole on the backend, the target corrected by the miss
         widths, report = lat.solve(budget, search, choices)

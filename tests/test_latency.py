@@ -202,6 +202,15 @@ def test_slow_widths_are_judged_beside_the_plan_not_beside_dense_neighbours(tmp_
     assert why.rows(lat, {"a": 8, "b": 16})[0]["slow_step"].startswith("width 16 is predicted no slower")
 
 
+def test_the_reachable_floor_skips_the_narrowest_width_when_it_runs_slow(tmp_path):
+    """a at 4 channels runs slower than at 8: the least latency is a=8, b=4 (3 of 8 ms), not a=4, b=4 (4 of 8)."""
+    graph, lat = hand_model(tmp_path, {4: 3.0, 8: 2.0, 12: 3.0, 16: 4.0}, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0})
+    sol = solve_widths(graph, Budget("latency", 0.4, latency=lat), None, round_to=4, max_ratio=0.95)
+    assert sol.widths == {"a": 8, "b": 4} and sol.fraction == pytest.approx(0.375)
+    with pytest.raises(BudgetError, match=r"reaches \[0.3750"):
+        solve_widths(graph, Budget("latency", 0.3, latency=lat), None, round_to=4, max_ratio=0.95)
+
+
 def test_each_budget_carries_its_own_model(tmp_path):
     """No state between budgets: two latency models in one process (as a study holds them, for two backends or
     batches) each solve with their own table, in any order, and a model refuses a graph it was not built for."""
