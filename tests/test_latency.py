@@ -211,6 +211,19 @@ def test_the_reachable_floor_skips_the_narrowest_width_when_it_runs_slow(tmp_pat
         solve_widths(graph, Budget("latency", 0.3, latency=lat), None, round_to=4, max_ratio=0.95)
 
 
+def test_a_floor_the_model_misprices_is_measured_before_a_budget_is_refused(tmp_path):
+    """The backend runs every plan at 0.7 of the model's prediction (as ResNet-20's int8 plans ran below the
+    model's floor): a target under the predicted floor (0.25) but over the measured one (0.175) is solved."""
+    graph, lat = hand_model(tmp_path, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0}, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0})
+    lat.check = lambda widths: {"fraction": 0.7 * lat.fraction(widths), "ms": 0.7 * lat.predict_ms(widths),
+                                "dense_ms": lat.predict_ms(lat.full)}
+    sol = solve_widths(graph, Budget("latency", 0.18, latency=lat), None, round_to=4, max_ratio=0.95)
+    assert sol.widths == {"a": 4, "b": 4} and sol.fraction == pytest.approx(0.175)
+    with pytest.raises(BudgetError, match=r"reaches \[0.1750, 1.0\] of its latency \(measured whole; the latency "
+                                          r"model predicted 0.2500\)"):
+        solve_widths(graph, Budget("latency", 0.1, latency=lat), None, round_to=4, max_ratio=0.95)
+
+
 def test_each_budget_carries_its_own_model(tmp_path):
     """No state between budgets: two latency models in one process (as a study holds them, for two backends or
     batches) each solve with their own table, in any order, and a model refuses a graph it was not built for."""

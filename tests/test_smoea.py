@@ -278,3 +278,17 @@ def test_random_rounding_keeps_one_bit_mutations_alive_on_a_coarse_grid():
         ups += int(out.sum()) == 16
         assert int(_legalise(group, part, score, "nearest").sum()) == 8
     assert 60 <= ups <= 140  # 1/8 of 800 is 100
+
+
+def test_the_search_aims_at_the_target_corrected_by_the_reference_plans_miss():
+    """The backend ran the uniform reference plan at 0.4 of dense where the model said 0.6: the search, which sees
+    only the model, aims at 0.6 (tolerance relative to it), so its plan measures near the 0.4 asked for."""
+    from compressor.budget import Budget, Solution
+    from compressor.criteria.smoea import search_budget
+
+    lat = object()
+    report = {"solves": [{"predicted": 0.5, "measured": 0.35}, {"predicted": 0.6, "measured": 0.4}], "chosen": 2}
+    aimed = search_budget(Budget("latency", 0.4, latency=lat), Solution({}, 0.4, {"latency": report}))
+    assert aimed.fraction == pytest.approx(0.6) and aimed.tolerance == pytest.approx(0.06) and aimed.latency is lat
+    macs = Budget("macs", 0.5)
+    assert search_budget(macs, Solution({}, 0.5, {"macs": 0.5})) is macs

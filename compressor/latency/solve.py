@@ -3,12 +3,13 @@
 ``budget.solve_widths`` scales the criterion's per-group ratios by bisection against the
 model's predicted latency, over widths on the measured grid less each group's *dominated*
 widths (no faster than a wider one beside the plan's other groups: widths the backend runs
-badly are avoided because they were measured), dropped and solved again until the plan keeps none
-(a dropped width stays dropped, so this ends). The result is then measured whole on the backend, interleaved with the dense
-model; unless it lands within :data:`AIM` of the tolerance (:data:`TOLERANCE`, relative; the
-other half is headroom for the next timing's noise), the target is corrected by the miss and
-the widths solved again, up to :data:`CORRECTIONS` times, each step printed and recorded; the
-closest plan wins.
+badly are avoided because they were measured), dropped and solved again until the plan keeps
+none (a dropped width stays dropped, so this ends). The result is then measured whole on the
+backend, interleaved with the dense model; unless it lands within :data:`AIM` of the tolerance
+(:data:`TOLERANCE`, relative; the other half is headroom for the next timing's noise), the
+target is corrected by the miss and the widths solved again, up to :data:`CORRECTIONS` times,
+each step printed and recorded; the closest plan wins. A target below the model's floor is
+refused only if the narrowest plan, timed whole, is above it too.
 """
 from __future__ import annotations
 
