@@ -240,16 +240,29 @@ def solve_widths(
     def holding(plan_of):
         """``plan_of(picks)``, solved again without the widths that run no faster than a wider one beside the
         plan found (a layer's time depends on its neighbours' widths), until the plan keeps none of them; the
-        dropped widths stay dropped, so this ends. Without a latency model: ``plan_of(choices)``."""
+        dropped widths stay dropped, so this ends."""
         picks = choices
         while True:
             widths = plan_of(picks)
-            fast = lat.choices(picks, context=widths) if lat is not None else picks
+            fast = lat.choices(picks, context=widths)
             if all(widths[g] in fast[g] for g in full):
                 return widths
             picks = fast
 
-    floor = holding(lambda picks: {g: min(c) for g, c in picks.items()})
+    def plans(plan_of):
+        """Under a latency budget, two plans: the slow widths judged beside dense neighbours (once), and beside
+        the plan found (:func:`holding`). Neither wins everywhere: beside dense neighbours, ResNet-20's first-stage
+        convs look no faster narrow, so that plan keeps them whole and cuts the residual streams to 4 of 32;
+        beside the plan, Conv-4's int8 table drops so many widths that a layer falls to 4 of 64. The caller
+        keeps the plan with more weights (:func:`kept`)."""
+        if lat is None:
+            return [plan_of(choices)]
+        return [plan_of(lat.choices(choices)), holding(plan_of)]
+
+    def kept(widths):  # at equal latency, the plan keeping more weights keeps more of the network's capacity
+        return model_cost.fractions(widths)["params"]
+
+    floor = min(plans(lambda picks: {g: min(c) for g, c in picks.items()}), key=frac)
     reachable, predicted = frac(floor), ""
     if budget.fraction < reachable - budget.tolerance and lat is not None:
         # the model can misprice its own floor (ResNet-20 in int8: 0.56 predicted, 0.49 measured for a plan
@@ -281,7 +294,13 @@ def solve_widths(
         return _nudge(at_scale(s), picks, frac, target, budget.tolerance / 4, ideal(s))
 
     def search(target):
-        return holding(lambda picks: scaled(target, picks))
+        """Of :func:`plans`, the one keeping the most weights within the budget's tolerance of ``target``, else the
+        closest (the measured correction in ``lat.solve`` takes the rest of the miss)."""
+        def rank(widths):
+            near = abs(frac(widths) - target) <= budget.tolerance + 1e-12
+            return (near, kept(widths) if near else -abs(frac(widths) - target))
+
+        return max(plans(lambda picks: scaled(target, picks)), key=rank)
 
     if lat is not None:  # measured whole on the backend, the target corrected by the miss
         widths, report = lat.solve(budget, search, choices)
