@@ -2,9 +2,9 @@
 
 ``budget.solve_widths`` scales the criterion's per-group ratios by bisection against the
 model's predicted latency, over widths on the measured grid less each group's *dominated*
-widths (no faster than a wider one beside the plan's other groups: widths the backend runs
-badly are avoided because they were measured), dropped and solved again until the plan keeps
-none (a dropped width stays dropped, so this ends). The result is then measured whole on the
+widths (no faster than a wider one: widths the backend runs badly are avoided because they
+were measured), judged beside dense neighbours and, for a second plan, beside the plan found;
+the plan keeping more weights wins. The result is then measured whole on the
 backend, interleaved with the dense model; unless it lands within :data:`AIM` of the tolerance
 (:data:`TOLERANCE`, relative; the other half is headroom for the next timing's noise), the
 target is corrected by the miss and the widths solved again, up to :data:`CORRECTIONS` times,
