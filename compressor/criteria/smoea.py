@@ -41,8 +41,8 @@ with masks as channel multipliers. After each block the chosen filters are maske
 The state is saved after every generation (``smoea-state.pt``, with the weights at the
 start of the block in ``smoea-weights.pt``, written before the state that points at
 them); ``--resume`` continues from it and, with the same seed, ends where an unbroken run
-ends. Under a latency budget the search keeps each group on the latency table's measured grid
-widths (a slow width stays: each plan is priced whole, beside its other groups): a width between the grid's points
+ends. Under a latency budget the search keeps each group on the latency model's fast widths (its
+measured grid, less any width a wider one runs no slower beside dense neighbours): a width between the grid's points
 is only interpolated, and the backend may run it far slower (on ONNX Runtime's CPU provider,
 Conv-4 plans with 33 and 34 channels measured 0.61 of the dense latency where the model said
 0.50; on the grid, 0.46-0.48). A mutated group's count rounds to the grid width below or above at
@@ -92,19 +92,21 @@ def blocks_by_size(graph: Graph, group_size: int) -> list[list[str]]:
 
 
 def search_groups(graph: Graph, block: list[str], budget) -> list:
-    """The block's groups as the search sees them: under a latency budget, widths off the latency table's grid
-    are forbidden (so repairs, seeds and the top-up land on measured widths that run as priced; the table only
-    interpolates the others). Slow widths stay: the search prices each plan whole, beside its other groups."""
+    """The block's groups as the search sees them: under a latency budget, widths off the latency model's fast
+    widths (its grid, less those no faster than a wider one beside dense neighbours) are forbidden, so repairs,
+    seeds and the top-up land on measured widths that run as priced. The slow ones must go: the top-up
+    (:func:`_fit_share`) drops channels only while the predicted time falls, and stalls on a slow width (with
+    them allowed, Conv-4's SMOEA kept two groups whole at 0.3 of dense latency and missed its budget)."""
     groups = [graph.group(g) for g in block]
     lat = budget.latency if budget.metric == "latency" else None
-    if lat is None or not hasattr(lat, "on_grid"):
+    if lat is None or not hasattr(lat, "choices"):
         return groups
     out = []
     for group in groups:
         legal = group.legal_widths()
-        measured = set(lat.on_grid({group.name: legal})[group.name])
-        out.append(replace(group, forbidden=set(group.forbidden) | (set(legal) - measured),
-                           reason=group.reason or "off the latency table's grid"))
+        fast = set(lat.choices({group.name: legal})[group.name])
+        out.append(replace(group, forbidden=set(group.forbidden) | (set(legal) - fast),
+                           reason=group.reason or "off the latency table's fast widths"))
     return out
 
 
@@ -250,7 +252,7 @@ def _fit_share(genome: torch.Tensor, evaluator: BlockEvaluator, scores: torch.Te
     """Drop the lowest-L1 filters until the share holds, then add the best dropped ones while it still holds.
 
     Each step is made legal for its group (a grouped conv may drop or add a whole unit at once; under a latency
-    budget, a group moves between its grid widths). ``groups``: :func:`search_groups` (default: the graph's)."""
+    budget, a group moves between its fast widths). ``groups``: :func:`search_groups` (default: the graph's)."""
     genome = genome.clone()
     graph = getattr(evaluator, "graph", None)
     if groups is None and graph is not None:
