@@ -228,7 +228,7 @@ def solve_widths(
     ratios = {g: 1.0 for g in full} if ratios is None else {g: max(0.0, float(ratios.get(g, 0.0))) for g in full}
     choices = allowed_choices(graph, round_to, max_ratio, floors)
     lat = latency_cost(budget, graph)
-    if lat is not None:  # the widths the latency table measured (the slow ones are dropped by holding())
+    if lat is not None:  # the widths the latency table measured (plans() drops the slow ones)
         choices = lat.on_grid(choices)
 
     def frac(widths):
