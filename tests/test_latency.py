@@ -145,12 +145,14 @@ class TwoConv(nn.Module):
 
 
 def hand_model(tmp_path, costs_a, costs_b):
-    """A latency model on a hand-made table: layer a costs costs_a[out], b costs costs_b[out], head nothing;
-    the whole-model "measurement" is the prediction (a noiseless backend)."""
+    """A latency model on a hand-made table: layer a costs costs_a[out], b costs costs_b[out] (or
+    costs_b(in, out) where its input matters), head nothing; the whole-model "measurement" is the prediction
+    (a noiseless backend)."""
     graph = surgery.trace(TwoConv().eval(), torch.randn(1, 3, 8, 8))
     grid = [4, 8, 12, 16]
+    b_ms = costs_b if callable(costs_b) else lambda i, o: costs_b[o]
     layers = {"a": {"in": [3], "out": grid, "ms": [[costs_a[w] for w in grid]]},
-              "b": {"in": grid, "out": grid, "ms": [[costs_b[w] for w in grid] for _ in grid]},
+              "b": {"in": grid, "out": grid, "ms": [[b_ms(i, o) for o in grid] for i in grid]},
               "head": {"in": grid, "out": [2], "ms": [[0.0] for _ in grid]}}
     spec = LatencySpec("ort-cpu", 1, cache_dir=str(tmp_path), step=4, **FAST)
     lat = LatencyModel(graph, spec, round_to=4, table=LatencyTable({}, layers), measure=False)
@@ -201,6 +203,22 @@ def test_slow_widths_are_judged_beside_the_plan_not_beside_dense_neighbours(tmp_
     rows = why.rows(lat, sol.widths)
     assert all(r["slow_step"] is None for r in rows), rows  # and the report judges it beside the plan too
     assert why.rows(lat, {"a": 8, "b": 16})[0]["slow_step"].startswith("width 16 is predicted no slower")
+
+
+def test_the_plan_without_widths_slow_beside_dense_neighbours_wins_when_it_keeps_more_weights(tmp_path):
+    """The other side of the solver's two plans. b at 8 channels runs as slow as b whole beside a whole a (4 ms),
+    and nowhere else. Solved on every measured width, the plan is a=12, b=4 (0.469 of dense, 28% of the weights);
+    without the widths slow beside dense neighbours, b=8 is gone and the plan is a=8, b=16 (0.5, 51%). Both meet
+    the budget; the solver keeps the one with more weights (Conv-4's int8 table needs this side)."""
+    grid = [4, 8, 12, 16]
+    graph, lat = hand_model(tmp_path, {w: w / 4 for w in grid}, lambda i, o: 4.0 if (i, o) == (16, 8) else i * o / 64)
+    assert lat.choices({"a": grid, "b": grid})["b"] == [4, 12, 16]
+    assert lat.choices({"a": grid, "b": grid}, context={"a": 12, "b": 4}) == {"a": grid, "b": grid}
+    params = CostModel(graph).fractions
+    assert params({"a": 8, "b": 16})["params"] > params({"a": 12, "b": 4})["params"]
+    assert lat.fraction({"a": 12, "b": 4}) == pytest.approx(3.75 / 8)  # within the budget's tolerance, too
+    sol = solve_widths(graph, Budget("latency", 0.5, latency=lat), None, round_to=4, max_ratio=0.95)
+    assert sol.widths == {"a": 8, "b": 16} and sol.fraction == pytest.approx(0.5)
 
 
 def test_the_reachable_floor_skips_the_narrowest_width_when_it_runs_slow(tmp_path):
