@@ -221,6 +221,19 @@ def test_the_plan_without_widths_slow_beside_dense_neighbours_wins_when_it_keeps
     assert sol.widths == {"a": 8, "b": 16} and sol.fraction == pytest.approx(0.5)
 
 
+def test_a_group_is_widened_where_its_wider_widths_cost_no_time(tmp_path):
+    """b runs 4 output channels slowly from 8 inputs (2 ms; from 12 inputs, 0.75 ms). The uniform solve lands
+    exactly on half the latency at a=8, b=4, yet a=12 beside b=4 is faster and keeps more weights; the solver
+    widens a to it (3.75 of 8 ms, within the tolerance), and the why report then finds no slow step."""
+    graph, lat = hand_model(tmp_path, {w: w / 4 for w in (4, 8, 12, 16)},
+                            lambda i, o: 2.0 if (i, o) == (8, 4) else i * o / 64)
+    assert lat.fraction({"a": 8, "b": 4}) == pytest.approx(0.5)
+    assert why.rows(lat, {"a": 8, "b": 4})[0]["slow_step"] is not None
+    sol = solve_widths(graph, Budget("latency", 0.5, latency=lat), None, round_to=4, max_ratio=0.95)
+    assert sol.widths == {"a": 12, "b": 4} and sol.fraction == pytest.approx(3.75 / 8)
+    assert all(r["slow_step"] is None for r in why.rows(lat, sol.widths))
+
+
 def test_the_reachable_floor_skips_the_narrowest_width_when_it_runs_slow(tmp_path):
     """a at 4 channels runs slower than at 8: the least latency is a=8, b=4 (3 of 8 ms), not a=4, b=4 (4 of 8)."""
     graph, lat = hand_model(tmp_path, {4: 3.0, 8: 2.0, 12: 3.0, 16: 4.0}, {4: 1.0, 8: 2.0, 12: 3.0, 16: 4.0})
