@@ -27,6 +27,7 @@ from .surgery import PRUNABLE_TYPES, Cost, Graph, count, pruned_copy
 
 METRICS = ("macs", "params", "latency")
 LATENCY_TOLERANCE = 0.10  # a latency budget's plan must measure within 10% of its target (relative)
+LATENCY_AIM = 0.5  # a latency plan is accepted at once within this share of the tolerance (the rest: timing noise)
 
 
 class LatencyCost(Protocol):
@@ -294,16 +295,18 @@ def solve_widths(
         return _nudge(at_scale(s), picks, frac, target, budget.tolerance / 4, ideal(s))
 
     def widened(widths, target):
-        """Each group at the widest measured width predicted no slower beside the rest of the plan, while the
-        plan stays within the tolerance: channels that cost no time are kept. The plans can leave a narrow width
-        the table prices slower than a wider one (Conv-4 in int8: the first conv at 4 of 32 channels, priced
-        slower than at 8; those plans lost 4.8 points to their MAC plans)."""
+        """Each group at the widest grid width predicted no slower beside the rest of the plan: channels that
+        cost no time are kept. The plans can leave a narrow width the table prices slower than a wider one
+        (Conv-4 in int8: the first conv at 4 of 32 channels, priced slower than at 8; those plans lost 4.8 points
+        to their MAC plans). A plan predicted faster stays within the share of the tolerance the measured check
+        accepts at once (:data:`LATENCY_AIM`, in the units of ``target``, the corrected aim)."""
+        headroom = LATENCY_AIM * budget.tolerance * target / budget.fraction
         widths, grown = dict(widths), True
         while grown:  # widths only grow: this ends
             grown = False
             for g in full:
                 now = frac(widths)
-                floor = min(now, target - budget.tolerance)
+                floor = min(now, target - headroom)
                 wider = [w for w in choices[g] if w > widths[g] and floor <= frac({**widths, g: w}) <= now]
                 if wider:
                     widths[g], grown = max(wider), True

@@ -4,6 +4,7 @@
 model's predicted latency, over widths on the measured grid less each group's *dominated*
 widths (no faster than a wider one: widths the backend runs badly are avoided because they
 were measured), judged beside dense neighbours and, for a second plan, beside the plan found;
+each plan is widened where a wider width is predicted no slower beside the rest of it, and
 the plan keeping more weights wins. The result is then measured whole on the
 backend, interleaved with the dense model; unless it lands within :data:`AIM` of the tolerance
 (:data:`TOLERANCE`, relative; the other half is headroom for the next timing's noise), the
@@ -15,10 +16,10 @@ from __future__ import annotations
 
 import statistics
 
+from ..budget import LATENCY_AIM as AIM  # a solve is accepted at once within AIM x the tolerance
 from ..budget import LATENCY_TOLERANCE as TOLERANCE  # noqa: F401  (the package exports it)
 
 CORRECTIONS = 4  # solves at most: the first plus three corrected targets
-AIM = 0.5  # a solve is accepted at once within AIM x the tolerance: the rest is headroom for timing noise
 
 
 def solve(lat, budget, search, choices) -> tuple[dict[str, int], dict]:
