@@ -221,10 +221,8 @@ def test_cli_resume_of_a_finished_search_keeps_its_plan(tmp_path, capsys):
 
 
 
-def test_latency_objective_on_a_hand_made_table(small, tmp_path):
-    """Under a latency budget the second objective is the latency model's prediction: on a table where only one
-    group's width costs time, SMOEA cuts that group to the budget; the others cost nothing, so (unlike under a
-    MAC budget of the same fraction) the budget does not make it cut them."""
+def _hand_latency(small):
+    """Conv-4 and a latency model on a hand-made table where only the second group's width costs time."""
     from compressor.latency import LatencyModel, LatencySpec, LatencyTable, layer_specs
 
     torch.manual_seed(0)
@@ -240,6 +238,14 @@ def test_latency_objective_on_a_hand_made_table(small, tmp_path):
     lat = LatencyModel(graph, LatencySpec("ort-cpu", 1, step=4, verbose=False, check_seconds=0.1, threads=1),
                        round_to=4, table=LatencyTable({}, layers), measure=False)
     lat.check = lambda widths: {"fraction": lat.fraction(widths), "ms": lat.predict_ms(widths), "dense_ms": 1.0}
+    return model, graph, lat, costly
+
+
+def test_latency_objective_on_a_hand_made_table(small, tmp_path):
+    """Under a latency budget the second objective is the latency model's prediction: on a table where only one
+    group's width costs time, SMOEA cuts that group to the budget; the others cost nothing, so (unlike under a
+    MAC budget of the same fraction) the budget does not make it cut them."""
+    model, graph, lat, costly = _hand_latency(small)
     request = PlanRequest(model, small.example_inputs(), Budget("latency", 0.5, latency=lat), data=small,
                           round_to=4, out_dir=tmp_path)
     plan = _plan(request, group_size=1, generations=2, step_epochs=0)
@@ -292,3 +298,22 @@ def test_the_search_aims_at_the_target_corrected_by_the_reference_plans_miss():
     assert aimed.fraction == pytest.approx(0.6) and aimed.tolerance == pytest.approx(0.06) and aimed.latency is lat
     macs = Budget("macs", 0.5)
     assert search_budget(macs, Solution({}, 0.5, {"macs": 0.5})) is macs
+
+
+def test_a_block_that_cannot_reach_its_share_keeps_the_reference_widths(small, tmp_path, monkeypatch, capsys):
+    """The top-up can stall on a width no faster beside its neighbours (Conv-4 at 0.3 of dense latency ended a
+    block at 0.375 and failed the run). Stalled here at full width, each block keeps the reference plan's widths
+    instead, and the run lands on its budget."""
+    from compressor.criteria import smoea
+
+    model, graph, lat, costly = _hand_latency(small)
+    monkeypatch.setattr(smoea, "_choose", lambda picked, *a, **k: torch.ones_like(picked))
+    request = PlanRequest(model, small.example_inputs(), Budget("latency", 0.5, latency=lat), data=small,
+                          round_to=4, out_dir=tmp_path)
+    widths = _plan(request, group_size=1, generations=1, step_epochs=0).widths()
+    assert abs(lat.fraction({**graph.widths(), **widths}) - 0.5) <= 0.05
+    fronts = request.report["smoea"]["fronts"]
+    stalled = [f for f in fronts if "reference_after" in f["chosen"]]
+    assert stalled and all(f["chosen"]["reference_after"] > 0.55 for f in stalled)
+    assert costly in {g for f in stalled for g in f["block"]}
+    assert "the block keeps the reference plan's widths" in capsys.readouterr().out

@@ -282,6 +282,21 @@ def _fit_share(genome: torch.Tensor, evaluator: BlockEvaluator, scores: torch.Te
     return genome
 
 
+def _or_reference(genome: torch.Tensor, evaluator, l1: list[torch.Tensor], groups, reference: dict[str, int],
+                  budget) -> tuple[torch.Tensor, float | None]:
+    """The block's genome, or, where it ends beyond the tolerance over the share, the reference plan's widths
+    (L1's filters) if they keep less: the top-up drops channels only while the predicted cost falls, and can stall
+    on a width no faster beside its neighbours (Conv-4 at 0.3 of dense latency: 0.375, in 1 of 3 seeds). Returns
+    the genome and, where it fell back, the cost it had."""
+    kept = evaluator.kept(genome)
+    if kept <= budget.fraction + budget.tolerance:
+        return genome, None
+    parts = [masking.keep_mask(scores, _nearest_legal(group, reference[group.name]), group)
+             for scores, group in zip(l1, groups)]
+    planned = torch.cat(parts)
+    return (planned, kept) if evaluator.kept(planned) < kept else (genome, None)
+
+
 def _choose(picked: torch.Tensor, picked_point: nsga.Point | None, evaluator: BlockEvaluator, scores: torch.Tensor,
             share: float, land_within: float | None, groups=None) -> torch.Tensor:
     """The search's pick topped up by L1 to the share, unless that worsens the objective and the budget
@@ -441,6 +456,11 @@ def smoea(request: PlanRequest, config: SMOEAConfig) -> PruningPlan:
         pick = min(feasible, key=lambda i: result.objectives[i]) if feasible else 0
         genome = _choose(result.population[pick], result.objectives[pick] if feasible else None, evaluator, scores,
                          budget.fraction, budget.tolerance if b == len(blocks) - 1 else None, groups)
+        genome, fallback = _or_reference(genome, evaluator, [l1[n] for n in block], groups, reference, budget)
+        if fallback:
+            print(f"smoea block {b + 1}/{len(blocks)}: the search and its top-up ended at {fallback:.3f} of "
+                  f"{budget.metric}, over {budget.fraction:.3f} + {budget.tolerance:.3f}; the block keeps the "
+                  f"reference plan's widths ({evaluator.kept(genome):.3f})")
         accuracy, loss = evaluator.quality(genome)
         for name, m in evaluator.masks(genome).items():
             masks[name] = m.clone()
@@ -456,6 +476,7 @@ def smoea(request: PlanRequest, config: SMOEAConfig) -> PruningPlan:
             p["measured"] = m
         fronts.append({"block": block, "objective": objective, "front": points,
                        "chosen": {"accuracy": accuracy, "loss": loss, "kept": evaluator.kept(genome),
+                                  **({"reference_after": fallback} if fallback else {}),
                                   "widths": {n: int(m.sum()) for n, m in evaluator.masks(genome).items()},
                                   **({"measured": measured["chosen"]} if measured else {})},
                        "history": result.history, "evaluations": result.evaluations,  # with any before a resume
