@@ -313,7 +313,7 @@ def test_a_block_that_cannot_reach_its_share_keeps_the_reference_widths(small, t
     widths = _plan(request, group_size=1, generations=1, step_epochs=0).widths()
     assert abs(lat.fraction({**graph.widths(), **widths}) - 0.5) <= 0.05
     fronts = request.report["smoea"]["fronts"]
-    stalled = [f for f in fronts if "reference_after" in f["chosen"]]
-    assert stalled and all(f["chosen"]["reference_after"] > 0.55 for f in stalled)
+    stalled = [f for f in fronts if "stalled_at" in f["chosen"]]
+    assert stalled and all(f["chosen"]["stalled_at"] > 0.55 for f in stalled)
     assert costly in {g for f in stalled for g in f["block"]}
     assert "the block keeps the reference plan's widths" in capsys.readouterr().out

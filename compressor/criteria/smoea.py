@@ -457,7 +457,7 @@ def smoea(request: PlanRequest, config: SMOEAConfig) -> PruningPlan:
         genome = _choose(result.population[pick], result.objectives[pick] if feasible else None, evaluator, scores,
                          budget.fraction, budget.tolerance if b == len(blocks) - 1 else None, groups)
         genome, fallback = _or_reference(genome, evaluator, [l1[n] for n in block], groups, reference, budget)
-        if fallback:
+        if fallback is not None:
             print(f"smoea block {b + 1}/{len(blocks)}: the search and its top-up ended at {fallback:.3f} of "
                   f"{budget.metric}, over {budget.fraction:.3f} + {budget.tolerance:.3f}; the block keeps the "
                   f"reference plan's widths ({evaluator.kept(genome):.3f})")
@@ -476,7 +476,7 @@ def smoea(request: PlanRequest, config: SMOEAConfig) -> PruningPlan:
             p["measured"] = m
         fronts.append({"block": block, "objective": objective, "front": points,
                        "chosen": {"accuracy": accuracy, "loss": loss, "kept": evaluator.kept(genome),
-                                  **({"reference_after": fallback} if fallback else {}),
+                                  **({"stalled_at": fallback} if fallback is not None else {}),
                                   "widths": {n: int(m.sum()) for n, m in evaluator.masks(genome).items()},
                                   **({"measured": measured["chosen"]} if measured else {})},
                        "history": result.history, "evaluations": result.evaluations,  # with any before a resume
