@@ -282,6 +282,12 @@ def _fit_share(genome: torch.Tensor, evaluator: BlockEvaluator, scores: torch.Te
     return genome
 
 
+def _genome_at(widths: dict[str, int], l1: list[torch.Tensor], groups) -> torch.Tensor:
+    """The block's keep-mask with each group at (the legal width nearest) ``widths``, keeping its top-L1 filters."""
+    return torch.cat([masking.keep_mask(scores, _nearest_legal(group, widths[group.name]), group)
+                      for scores, group in zip(l1, groups)])
+
+
 def _or_reference(genome: torch.Tensor, evaluator, l1: list[torch.Tensor], groups, reference: dict[str, int],
                   budget) -> tuple[torch.Tensor, float | None]:
     """The block's genome, or, where it ends beyond the tolerance over the share, the reference plan's widths
@@ -291,9 +297,7 @@ def _or_reference(genome: torch.Tensor, evaluator, l1: list[torch.Tensor], group
     kept = evaluator.kept(genome)
     if kept <= budget.fraction + budget.tolerance:
         return genome, None
-    parts = [masking.keep_mask(scores, _nearest_legal(group, reference[group.name]), group)
-             for scores, group in zip(l1, groups)]
-    planned = torch.cat(parts)
+    planned = _genome_at(reference, l1, groups)
     return (planned, kept) if evaluator.kept(planned) < kept else (genome, None)
 
 
@@ -425,9 +429,10 @@ def smoea(request: PlanRequest, config: SMOEAConfig) -> PruningPlan:
         fixed = reference | {g: chosen[g] for blk in blocks[:b] for g in blk}
         evaluator = BlockEvaluator(graph, block, request.data, device, samples, budget.metric, objective, fixed, cost)
         l1 = filter_l1(graph, [graph.group(g) for g in block])
-        scores = torch.cat([l1[g] for g in block])
+        block_l1 = [l1[g] for g in block]
+        scores = torch.cat(block_l1)
         groups = search_groups(graph, block, budget)
-        repair = _repair_factory(evaluator.sizes, [l1[g] for g in block], groups,
+        repair = _repair_factory(evaluator.sizes, block_l1, groups,
                                  "random" if budget.metric == "latency" else "nearest")
         lowest = min(reference[g] / graph.group(g).width for g in block)
         g = torch.Generator().manual_seed(request.seed * 1000 + b)
@@ -440,11 +445,10 @@ def smoea(request: PlanRequest, config: SMOEAConfig) -> PruningPlan:
                 request.on_progress(b, s)
 
         started = time.perf_counter()
-        seeds = _seed_population([l1[n] for n in block], population, lowest, groups)
+        seeds = _seed_population(block_l1, population, lowest, groups)
         for k, widths in enumerate(peer_widths.values(), start=1):  # beside the L1 shares: the peers' allocations
             if k < len(seeds):
-                seeds[k] = torch.cat([masking.keep_mask(l1[n], _nearest_legal(grp, widths[n]), grp)
-                                      for n, grp in zip(block, groups)])
+                seeds[k] = _genome_at(widths, block_l1, groups)
         result = nsga.search(evaluator, seeds, generations, g,
                              kind, config.mutation, repair, state=state,
                              reference=(0.0, 1.0001) if objective == "accuracy" else None,
@@ -456,7 +460,7 @@ def smoea(request: PlanRequest, config: SMOEAConfig) -> PruningPlan:
         pick = min(feasible, key=lambda i: result.objectives[i]) if feasible else 0
         genome = _choose(result.population[pick], result.objectives[pick] if feasible else None, evaluator, scores,
                          budget.fraction, budget.tolerance if b == len(blocks) - 1 else None, groups)
-        genome, fallback = _or_reference(genome, evaluator, [l1[n] for n in block], groups, reference, budget)
+        genome, fallback = _or_reference(genome, evaluator, block_l1, groups, reference, budget)
         if fallback is not None:
             print(f"smoea block {b + 1}/{len(blocks)}: the search and its top-up ended at {fallback:.3f} of "
                   f"{budget.metric}, over {budget.fraction:.3f} + {budget.tolerance:.3f}; the block keeps the "
